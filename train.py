@@ -1,0 +1,199 @@
+"""Train the nodule synthesis models, one stage at a time, or the whole demo pipeline.
+
+Stages (design §1): base (mask-conditioned inpainting model) → lora (one adapter per attribute value) →
+compose (orthogonality-regularised composition of two or three adapters) ; cfg is the baseline.
+
+Examples:
+    python train.py --stage all --preset demo --out_dir runs/demo          # everything, then sample + evaluate
+    python train.py --stage base --out_dir runs/demo                       # phantom data by default
+    python train.py --stage base --data jsrt:/data/JSRT --out_dir runs/jsrt --device cuda --batch_size 128
+    python train.py --stage lora --ckpt runs/demo/base.pt --attribute texture=ground_glass
+    python train.py --stage lora --ckpt runs/demo/base.pt --all_attributes
+    python train.py --stage compose --ckpt runs/demo/base.pt --attributes texture=ground_glass,margin=spiculated
+    python train.py --stage cfg --ckpt runs/demo/base.pt --out_dir runs/demo
+    torchrun --nproc_per_node 2 train.py --stage base --out_dir runs/ddp      # DDP (gloo on CPU, nccl on GPU)
+Outputs under --out_dir: base.pt / cfg.pt checkpoints, lora/<attribute>=<value>.pt adapters,
+compose/<strategy>_<a>+<b>.pt composed adapters, samples_*.png grids, log.jsonl, config.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from nodule_diffusion import common, control, lora, pipeline, stages
+from nodule_diffusion.data import DEFAULT_VOCAB, NoduleCrops
+from nodule_diffusion.evaluation import DetectConfig
+from nodule_diffusion.training import DiffusionConfig, DiffusionModel, LoopConfig
+from nodule_diffusion.unet import UNetConfig
+
+
+@dataclass
+class TrainConfig:
+    stage: str = "base"  # base | lora | compose | cfg | all
+    preset: str = ""  # demo | benchmark: defaults for --stage all (explicit flags still win)
+    data: str = "phantom"  # phantom, or FORMAT:PATH (jsrt, node21, nih, vindr, csv, coco)
+    n_images: int = 300  # phantom images to generate for training (negatives included)
+    spacing_mm: float = 1.4  # working resolution: every dataset is resampled to this many mm per pixel
+    out_dir: str = "runs/demo"
+    ckpt: str = ""  # base checkpoint (lora, compose, cfg stages)
+    resume: bool = False  # continue base/cfg training from <out_dir>/<stage>.pt
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    attribute: str = ""  # lora stage: one attribute value, e.g. texture=ground_glass
+    all_attributes: bool = False  # lora stage: one adapter per value of every attribute
+    attributes: str = "texture=ground_glass,margin=spiculated"  # compose / all: values to compose (2 or 3)
+    strategy: str = "ortho"  # compose stage: ortho | ziplora
+    lora_rank: int = 8
+    lora_alpha: float = 8.0  # scaling α/r = 1 at the default rank [LoRA §4.1]
+    lambda_orth: float = 1.0  # weight of L_orth [OURS]
+    lambda_attn: float = 0.1  # weight of L_attn [OURS]
+    lambda_zip: float = 0.01  # ZipLoRA's merger-similarity weight [ZipLoRA §4]
+    cfg_dropout: float = 0.1  # cfg stage: p of dropping each attribute to its null token [CFG §3.2]
+    vocab: str = ""  # JSON file with the attribute vocabulary (default: texture, margin, calcification)
+
+
+CONFIGS = (TrainConfig, LoopConfig, UNetConfig, DiffusionConfig, DetectConfig, pipeline.DemoConfig)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="JSON file of flag values (flags given on the command line win)")
+    for cls in CONFIGS:
+        common.add_dataclass_args(parser, cls)
+    args = parser.parse_args(argv)
+    file_cfg = common.read_config_file(args.config)
+    train = common.config_from_args(TrainConfig, args, file_cfg)
+    merged = {**(pipeline.preset(train.preset) if train.preset else {}), **file_cfg}
+    return [common.config_from_args(cls, args, merged) for cls in CONFIGS]
+
+
+def main(argv=None) -> None:
+    train, loop, unet_cfg, diffusion, detect, demo = parse_args(argv)
+    out = Path(train.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    common.print_config(train, loop, unet_cfg, diffusion)
+    common.write_json(out / f"config_{train.stage}.json",
+                      {"train": train, "loop": loop, "unet": unet_cfg, "diffusion": diffusion})
+    if train.stage == "all":
+        common.print_config(detect, demo)
+        pipeline.run_all(train, loop, unet_cfg, diffusion, detect, demo, run_stage)
+    else:
+        run_stage(train, loop, unet_cfg, diffusion)
+
+
+def run_stage(train: TrainConfig, loop: LoopConfig, unet_cfg: UNetConfig, diffusion: DiffusionConfig) -> list:
+    """Run one training stage; returns the paths written."""
+    device = common.resolve_device(train.device)
+    rank, world = common.init_distributed(device)
+    common.seed_everything(train.seed + rank)
+    generator = torch.Generator().manual_seed(train.seed * 1000 + rank)  # data order and noise, resumable
+    out = Path(train.out_dir)
+    vocab = json.loads(Path(train.vocab).read_text()) if train.vocab else DEFAULT_VOCAB
+    if train.stage in ("lora", "compose", "cfg"):
+        if not train.ckpt:
+            raise common.DataError(f"--stage {train.stage} needs --ckpt (a base checkpoint from --stage base)")
+        model, payload = stages.load_model(train.ckpt, device)
+        vocab, unet_cfg = model.vocab, model.unet_config
+    elif train.stage == "base":
+        model, payload = DiffusionModel(unet_cfg, vocab, diffusion).to(device), None
+    else:
+        raise common.DataError(f"--stage {train.stage!r}: choose base, lora, compose, cfg or all")
+    records = stages.load_records(train.data, out / "data", train.n_images, train.seed, vocab)
+    crops = NoduleCrops(records, vocab, unet_cfg.crop_size, train.spacing_mm, augment=True, progress=rank == 0)
+    print(f"{len(crops)} nodule crops of {unet_cfg.crop_size}px from {len(records)} images")
+    log = common.JsonlLogger(out / "log.jsonl", enabled=rank == 0)
+    if train.stage in ("base", "cfg"):
+        return [train_full(train, loop, model, crops, device, generator, log, rank)]
+    base_fp = payload["fingerprint"]
+    if train.stage == "lora":
+        return train_loras(train, loop, model, crops, device, generator, log, base_fp)
+    return [train_composition(train, loop, model, crops, device, generator, log, base_fp)]
+
+
+def logger_for(log, loop: LoopConfig, stage: str, extra=None):
+    def on_step(step, state):
+        if step % loop.log_every == 0 or step == loop.steps:
+            log.log(stage=stage, step=step, loss=state["loss"], **(state.get("extras") or {}))
+        if extra is not None:
+            extra(step, state)
+    return on_step
+
+
+def train_full(train, loop, model, crops, device, generator, log, rank) -> Path:
+    """Base or CFG stage, with periodic atomic checkpoints, sample grids and exact resume."""
+    path = Path(train.out_dir) / f"{train.stage}.pt"
+    state = None
+    if train.resume and path.is_file():
+        resumed, payload = stages.load_model(path, device, raw=True)
+        model.load_state_dict(resumed.state_dict())
+        state = payload["loop"]
+        print(f"resuming {path} at step {state['step']}")
+
+    def checkpoint(step, loop_state):
+        if rank == 0 and (step % loop.checkpoint_every == 0 or step == loop.steps):
+            stages.save_model(path, model, loop_state, train.stage, {"train": train, "loop": loop})
+        if rank == 0 and ((loop.sample_every and step % loop.sample_every == 0) or step == loop.steps):
+            pipeline.sample_grid(path, crops, Path(train.out_dir) / f"samples_{train.stage}_{step:06d}.png", device)
+
+    dropout = train.cfg_dropout if train.stage == "cfg" else None
+    stages.train_base(model, crops, loop, device, generator, Path(train.out_dir), state,
+                      logger_for(log, loop, train.stage, checkpoint), dropout, rank)
+    print(f"wrote {path}")
+    return path
+
+
+def train_loras(train, loop, model, crops, device, generator, log, base_fp) -> list:
+    """One adapter per requested attribute value (`--attribute a=v` or `--all_attributes`)."""
+    if train.all_attributes:
+        wanted = [f"{a}={v}" for a, values in model.vocab.items() for v in values]
+    elif train.attribute:
+        wanted = [train.attribute]
+    else:
+        raise common.DataError("--stage lora needs --attribute ATTR=VALUE or --all_attributes")
+    paths = []
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    for name in wanted:
+        attribute, _, value = name.partition("=")
+        model.load_state_dict(base_state)  # every adapter starts from the same frozen base and token init
+        stages.train_lora(model, crops, attribute, value, train.lora_rank, train.lora_alpha, loop, device,
+                          generator, logger_for(log, loop, f"lora {name}"))
+        path = Path(train.out_dir) / "lora" / f"{name}.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        stages.save_lora(path, model, name, base_fp, {"attribute": attribute, "value": value,
+                                                      "r": train.lora_rank, "alpha": train.lora_alpha,
+                                                      "targets": list(stages.LORA_TARGETS), "steps": loop.steps})
+        pipeline.lora_grid(model, crops, name, Path(train.out_dir) / "lora" / f"{name}.png", device)
+        lora.remove_adapter(model.unet, name)
+        paths.append(path)
+        print(f"wrote {path}")
+    return paths
+
+
+def train_composition(train, loop, model, crops, device, generator, log, base_fp) -> Path:
+    """Compose the single-attribute adapters named by --attributes with --strategy ortho | ziplora."""
+    names = [n.strip() for n in train.attributes.split(",") if n.strip()]
+    if len(names) < 2 or len({n.split("=")[0] for n in names}) != len(names):
+        raise common.DataError("--attributes needs two or three values of different attributes, "
+                               "e.g. texture=ground_glass,margin=spiculated")
+    if train.strategy not in ("ortho", "ziplora"):
+        raise common.DataError(f"--strategy {train.strategy!r}: composition training is 'ortho' or 'ziplora' "
+                               "(training-free strategies are applied by sample.py)")
+    for name in names:
+        stages.load_lora(Path(train.out_dir) / "lora" / f"{name}.pt", model, base_fp, name)
+    stages.train_compose(model, crops, names, train.strategy, loop, device, generator, train.lambda_orth,
+                         train.lambda_attn, train.lambda_zip, logger_for(log, loop, f"compose {train.strategy}"))
+    path = control.composed_path(Path(train.out_dir), train.strategy, names)
+    stages.save_composed(path, model, names, base_fp, {"strategy": train.strategy, "steps": loop.steps,
+                                                       "lambda_orth": train.lambda_orth,
+                                                       "lambda_attn": train.lambda_attn})
+    print(f"wrote {path}")
+    return path
+
+
+if __name__ == "__main__":
+    common.run_cli(main)
