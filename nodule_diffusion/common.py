@@ -95,7 +95,12 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, help_text: dict[str
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         base, elem = _field_type(hints[f.name])
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:  # a required field: its flag has no default to show
+            default = "required"
         doc = (help_text or {}).get(f.name) or f.metadata.get("help", "")
         kwargs: dict = {"default": None, "help": f"{doc} (default: {default})".strip()}
         if base is bool:
@@ -109,13 +114,43 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, help_text: dict[str
         parser.add_argument(f"--{f.name}", **kwargs)
 
 
+def _checked_value(cls_name: str, name: str, hint, value):
+    """A `--config` JSON value checked against the field's type hint (argparse already types the flags).
+
+    JSON has no tuples and no int/float distinction, so lists become tuples and ints are accepted for floats.
+    """
+    optional = typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint)
+    if value is None and optional:
+        return None
+    base, elem = _field_type(hint)
+    ok = {bool: lambda v: isinstance(v, bool), str: lambda v: isinstance(v, str),
+          int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+          float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if base is tuple and isinstance(value, (list, tuple)):
+        if elem in ok and not all(ok[elem](v) for v in value):
+            raise DataError(f"configuration {cls_name}: field '{name}' expects a list of {elem.__name__}, "
+                            f"got {value!r}")
+        return tuple(float(v) if elem is float else v for v in value)
+    if base in ok:
+        if not ok[base](value):
+            raise DataError(f"configuration {cls_name}: field '{name}' expects {base.__name__}, got {value!r}")
+        return float(value) if base is float else value
+    if base is tuple:
+        raise DataError(f"configuration {cls_name}: field '{name}' expects a list, got {value!r}")
+    return value  # dicts and other structures are passed through as written
+
+
 def config_from_args(cls, args: argparse.Namespace, file_config: dict | None = None):
-    """Build `cls` from defaults <- `--config` JSON (file_config) <- explicit flags, with type checks."""
+    """Build `cls` from defaults <- `--config` JSON (file_config) <- explicit flags, with type checks.
+
+    Keys of file_config that are not fields of `cls` are ignored (one file may configure several dataclasses).
+    """
+    hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     values = {}
     for key, value in (file_config or {}).items():
         if key in names:
-            values[key] = tuple(value) if isinstance(value, list) else value
+            values[key] = _checked_value(cls.__name__, key, hints[key], value)
     for key in names:
         flag = getattr(args, key, None)
         if flag is not None:
@@ -228,22 +263,35 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def rng_state() -> dict:
-    """Python, numpy and torch RNG states as tensors/primitives (weights_only-safe) for exact resume."""
+    """Python, numpy, torch (and CUDA) RNG states as tensors/primitives (weights_only-safe) for exact resume.
+
+    numpy's legacy state includes a cached second Gaussian (has_gauss, cached_gaussian): without it the next
+    `np.random.randn` after a resume would differ whenever an odd number of normals had been drawn.
+    """
     np_state = np.random.get_state()
-    return {
+    state = {
         "python": repr(random.getstate()),
         "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
         "numpy_pos": int(np_state[2]),
+        "numpy_has_gauss": int(np_state[3]),
+        "numpy_cached_gaussian": float(np_state[4]),
         "torch": torch.get_rng_state(),
     }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()  # list of ByteTensors, one per visible GPU
+    return state
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore what `rng_state()` saved (CUDA states only when present and a GPU is available)."""
     import ast
 
     random.setstate(ast.literal_eval(state["python"]))
-    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"],
+                         state.get("numpy_has_gauss", 0), state.get("numpy_cached_gaussian", 0.0)))
     torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"][:torch.cuda.device_count()])  # resuming on fewer GPUs
 
 
 # ----------------------------------------------------------------------------------------------- logging, CLI errors

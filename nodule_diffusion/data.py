@@ -235,7 +235,7 @@ def write_annotations(csv_path: str | Path, records: list[ImageRecord],
         return "" if value is None else (f"{value:.6g}" if isinstance(value, float) else str(value))
 
     with atomic_path(csv_path) as tmp:
-        with tmp.open("w", newline="") as fh:
+        with tmp.open("w", newline="", encoding="utf-8") as fh:
             writer = csv.writer(fh)
             writer.writerow(header)
             for rec in records:
@@ -253,7 +253,11 @@ def write_annotations(csv_path: str | Path, records: list[ImageRecord],
 
 # ----------------------------------------------------------------------------------------------- COCO JSON
 def write_coco(json_path: str | Path, records: list[ImageRecord], sizes: list[tuple[int, int]]) -> Path:
-    """COCO detection JSON (one category 'nodule'); bbox = [x, y, w, h]; attributes and extras per annotation."""
+    """COCO detection JSON (one category 'nodule'); bbox = [x, y, w, h]; attributes and extras per annotation.
+
+    Extra CSV columns go under the annotation's "extra" key, so that a column named e.g. "id" cannot overwrite
+    the COCO fields.
+    """
     json_path = Path(json_path)
     images, annotations = [], []
     for image_id, (rec, (h, w)) in enumerate(zip(records, sizes), start=1):
@@ -264,7 +268,7 @@ def write_coco(json_path: str | Path, records: list[ImageRecord], sizes: list[tu
             annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": 1,
                                 "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0), "iscrowd": 0,
                                 "attributes": nod.attributes, "diameter_mm": nod.diameter_mm,
-                                "mask": _relative(nod.mask, json_path.parent) or None, **nod.extra})
+                                "mask": _relative(nod.mask, json_path.parent) or None, "extra": nod.extra})
     coco = {"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "nodule"}]}
     with atomic_path(json_path) as tmp:
         tmp.write_text(json.dumps(coco, indent=1))
@@ -282,6 +286,8 @@ def read_coco(json_path: str | Path, vocab: dict[str, list[str]] = DEFAULT_VOCAB
         raise DataError(f"{json_path}: not a COCO detection JSON ({err})") from err
     records = {}
     for image_id, img in images.items():
+        if not isinstance(img.get("file_name"), str) or not img["file_name"]:
+            raise DataError(f"{json_path}: image id {image_id} has no 'file_name'")
         path = (json_path.parent / img["file_name"]).resolve()
         if not path.is_file():
             raise DataError(f"{json_path}: image {img['file_name']!r} (id {image_id}) not found")
@@ -298,12 +304,17 @@ def read_coco(json_path: str | Path, vocab: dict[str, list[str]] = DEFAULT_VOCAB
         if not all(math.isfinite(v) for v in (x, y, w, h)) or w <= 0 or h <= 0:
             raise DataError(f"{where}: degenerate or non-finite bbox {ann['bbox']}")
         if x < 0 or y < 0 or x + w > img.get("width", math.inf) or y + h > img.get("height", math.inf):
-            raise DataError(f"{where}: bbox {ann['bbox']} lies outside the {img.get('width')}x{img.get('height')} image")
+            raise DataError(f"{where}: bbox {ann['bbox']} lies outside the "
+                            f"{img.get('width')}x{img.get('height')} image")
         attrs = _parse_attributes(ann.get("attributes") or {}, vocab, where)
+        extra = ann.get("extra") or {}
+        if not isinstance(extra, dict):
+            raise DataError(f"{where}: 'extra' must be an object of column -> value, got {extra!r}")
         mask = ann.get("mask")
         records[ann["image_id"]].nodules.append(Nodule(
             box=(x, y, x + w, y + h), attributes=attrs, diameter_mm=ann.get("diameter_mm"),
-            mask=(json_path.parent / mask).resolve() if mask else None))
+            mask=(json_path.parent / mask).resolve() if mask else None,
+            extra={str(k): str(v) for k, v in extra.items()}))
     return list(records.values())
 
 
@@ -363,8 +374,8 @@ def crop_at(image: np.ndarray, cx: float, cy: float, size: int) -> tuple[np.ndar
     h, w = image.shape
     pad = max(0, -top, -left, top + size - h, left + size - w)
     if pad:
-        # DEVIATION: numpy's 'reflect' cannot pad more than the image size; 'symmetric' repeated is enough here.
-        padded = np.pad(image, pad, mode="reflect" if pad < min(h, w) else "symmetric")
+        # numpy's 'reflect' repeats the reflection when the pad is wider than the image, so one mode fits all.
+        padded = np.pad(image, pad, mode="reflect")
         return padded[top + pad:top + pad + size, left + pad:left + pad + size].copy(), (top, left)
     return image[top:top + size, left:left + size].copy(), (top, left)
 
