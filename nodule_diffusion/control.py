@@ -64,7 +64,7 @@ def build_generator(ckpt: str, strategy: str, attributes: dict[str, str], lora_d
     scheduler = model.diffusion.scheduler(sampler)
     scheduler.set_timesteps(steps)
 
-    def generate(masks, contexts, requests):
+    def generate(masks, contexts, requests, originals=None):  # originals: unused, the model sees only context
         masks, contexts = masks.to(device), contexts.to(device)
         return generate_crops(lambda xt, t, k: eps_fn(xt, t, k, masks, contexts), scheduler, masks, contexts,
                               [r.seed for r in requests], [r.index for r in requests], eta)

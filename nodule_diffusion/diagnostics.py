@@ -45,30 +45,42 @@ def _dice_of(nodule, image_path: Path, size: int = 32) -> float:
     return metrics.dice(seg, crop_at((read_image(nodule.mask) > 0).astype(np.float32), cx, cy, size)[0] > 0.5)
 
 
-def attribute_report(real, synthetic, vocab, spacing_mm, settings: JudgeSettings, device, out: Path) -> dict:
-    """Judge accuracy, FD_judge per attribute value, mask Dice; writes attributes.json/.md and best_worst.png."""
+def train_attribute_judge(real, vocab, spacing_mm, settings: JudgeSettings, device):
+    """The judge: a small CNN trained on real labelled nodule crops; returns (judge, real crops batch, train acc)."""
     real_crops = NoduleCrops(real, vocab, settings.crop_size, spacing_mm, augment=False)
-    syn = _only_synthetic(synthetic)
-    syn_crops = NoduleCrops(syn, vocab, settings.crop_size, spacing_mm, augment=False)
     r = real_crops.get(torch.arange(len(real_crops)))
-    s = syn_crops.get(torch.arange(len(syn_crops)))
     judge = AttributeJudge(vocab, JudgeConfig(crop_size=settings.crop_size, steps=settings.judge_steps))
     train_acc = train_judge(judge, r["x0"], r["mask"], r["attrs"], device=device)
-    judge.cpu()
+    r["features"] = judge.cpu().features(r["x0"], r["mask"]).numpy()
+    return judge, r, train_acc
+
+
+def score_synthetic(judge, real: dict, synthetic, vocab, spacing_mm, crop_size: int) -> tuple[dict, dict, list]:
+    """Controllability (judge accuracy vs the requested attributes), FD_judge per value, mask Dice per nodule."""
+    syn = _only_synthetic(synthetic)
+    syn_crops = NoduleCrops(syn, vocab, crop_size, spacing_mm, augment=False)
+    s = syn_crops.get(torch.arange(len(syn_crops)))
     pred = judge.predict(s["x0"], s["mask"])
     accuracy = attribute_accuracy(pred, s["attrs"], judge.vocab)
-    real_feats, syn_feats = judge.features(r["x0"], r["mask"]).numpy(), judge.features(s["x0"], s["mask"]).numpy()
+    known = s["attrs"] >= 0
+    accuracy["all_requested"] = float(((pred == s["attrs"]) | ~known).all(1).float().mean())
+    syn_feats = judge.features(s["x0"], s["mask"]).numpy()
     fd = {}
     for k, (name, values) in enumerate(vocab.items()):
         for v, value in enumerate(values):
-            a, b = real_feats[(r["attrs"][:, k] == v).numpy()], syn_feats[(s["attrs"][:, k] == v).numpy()]
+            a, b = real["features"][(real["attrs"][:, k] == v).numpy()], syn_feats[(s["attrs"][:, k] == v).numpy()]
             if len(a) >= 2 and len(b) >= 2:
                 fd[f"{name}={value}"] = metrics.frechet_distance(a, b)
-    nodules = [(n, rec.image) for rec in syn for n in rec.nodules]
-    dice = [_dice_of(n, path, settings.crop_size) for n, path in nodules]
-    result = {"n_synthetic": len(syn_crops), "n_real": len(real_crops), "judge_train_accuracy": train_acc,
-              "controllability_accuracy": accuracy, "frechet_distance_judge": fd,
-              "mask_dice_mean": float(np.nanmean(dice)) if dice else float("nan")}
+    dice = [_dice_of(n, rec.image, crop_size) for rec in syn for n in rec.nodules]
+    return {"accuracy": accuracy, "frechet_distance_judge": fd,
+            "mask_dice_mean": float(np.nanmean(dice)) if dice else float("nan")}, s, dice
+
+
+def attribute_report(real, synthetic, vocab, spacing_mm, settings: JudgeSettings, device, out: Path) -> dict:
+    """Judge accuracy, FD_judge per attribute value, mask Dice; writes attributes.json/.md and best_worst.png."""
+    judge, r, train_acc = train_attribute_judge(real, vocab, spacing_mm, settings, device)
+    scores, s, dice = score_synthetic(judge, r, synthetic, vocab, spacing_mm, settings.crop_size)
+    result = {"n_synthetic": len(s["x0"]), "n_real": len(r["x0"]), "judge_train_accuracy": train_acc, **scores}
     common.write_json(out / "attributes.json", result)
     order = np.argsort(np.nan_to_num(np.array(dice), nan=-1.0))
     picks = [*order[::-1][:8], *order[:8]]
@@ -76,9 +88,9 @@ def attribute_report(real, synthetic, vocab, spacing_mm, settings: JudgeSettings
                   out / "best_worst.png")
     lines = ["# Attribute controllability and realism", "", "| attribute | judge accuracy on synthetic | "
              "judge accuracy on real (train) |", "|---|---|---|"]
-    lines += [f"| {a} | {accuracy[a]:.3f} | {train_acc[a]:.3f} |" for a in vocab]
+    lines += [f"| {a} | {scores['accuracy'][a]:.3f} | {train_acc[a]:.3f} |" for a in vocab]
     lines += ["", "| value | FD_judge (synthetic vs real) |", "|---|---|"]
-    lines += [f"| {k} | {v:.3f} |" for k, v in fd.items()]
+    lines += [f"| {k} | {v:.3f} |" for k, v in scores["frechet_distance_judge"].items()]
     lines += ["", f"Mask Dice (requested vs generated): {result['mask_dice_mean']:.3f}",
               "", "Best (left 8) and worst (right 8) by Dice: ![](best_worst.png)", ""]
     (out / "attributes.md").write_text("\n".join(lines))

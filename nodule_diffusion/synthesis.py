@@ -125,7 +125,8 @@ def insert_nodules(image: np.ndarray, requests: list[Request], generate, crop_si
     `scale` = working-resolution pixels per image pixel (1 when the image already has the model's spacing):
     the window of crop_size/scale image pixels around each centre is resampled to the crop size, generated at the
     working resolution, and only the change is resampled back, so anatomy is never blurred outside the nodule.
-    `generate(masks (B,1,S,S), contexts (B,1,S,S), requests) -> x0 (B,1,S,S)` in [-1, 1].
+    `generate(masks (B,1,S,S), contexts (B,1,S,S), requests, originals (B,1,S,S)) -> x0 (B,1,S,S)` in [-1, 1]
+    (the diffusion model sees only the masked context; the insertion baselines add onto the original crop).
     Requests are processed one after another so that overlapping nodules see each other.
     """
     out, full_masks = image.astype(np.float32).copy(), []
@@ -139,7 +140,7 @@ def insert_nodules(image: np.ndarray, requests: list[Request], generate, crop_si
         region, weight = feather(mask, dilate_px)
         x0 = torch.from_numpy(work * 2 - 1)[None, None]  # (1, 1, S, S) in [-1, 1]
         context = x0 * torch.from_numpy(1.0 - region.astype(np.float32))[None, None]
-        gen = generate(torch.from_numpy(mask)[None, None], context, [req])[0, 0].cpu().numpy()
+        gen = generate(torch.from_numpy(mask)[None, None], context, [req], x0)[0, 0].cpu().numpy()
         gen01 = (gen + 1) / 2
         if native != crop_size:  # resample the change and the weight back to the image's pixels
             delta = _resize(gen01 - work, native, Image.BILINEAR)

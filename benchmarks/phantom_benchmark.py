@@ -1,0 +1,170 @@
+"""The full phantom benchmark (issue: end to end), in one run, budgeted for a 2-core CPU (< 60 minutes).
+
+Trains the base model, a LoRA for every attribute value, compositions of all texture × margin pairs with
+`ortho` and `ziplora` training (and the training-free `linear`, `svd`, `ties`, `switch`), a three-attribute
+`ortho` composition and the CFG baseline; then measures for each strategy and pair the judge's controllability
+accuracy, FD_judge per attribute value and mask Dice, the two composition diagnostics (ΔW cosine, attention
+overlap) before/after, and detection: real-only vs real + synthetic (`ortho`) vs copy-paste vs analytic template
+insertion, several seeds, low-data regime, AUC / CPM / AP@0.5 / NODE21 with paired bootstrap 95% CIs.
+
+    python benchmarks/phantom_benchmark.py --out_dir runs/benchmark            # ~60 min on 2 CPU cores
+    python benchmarks/phantom_benchmark.py --out_dir runs/bench_small --quick  # minutes: a smoke run
+Writes <out_dir>/benchmark.json and <out_dir>/benchmark.md (tables), plus every stage's usual files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import platform
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import train  # noqa: E402  (the training script's stage runner: same code path as the CLI)
+from nodule_diffusion import baselines, common, control, diagnostics, evaluation, pipeline, stages  # noqa: E402
+from nodule_diffusion.data import NoduleCrops  # noqa: E402
+
+STRATEGIES = ("linear", "svd", "ties", "switch", "ziplora", "ortho")
+
+
+def settings(quick: bool) -> dict:
+    if quick:
+        return dict(n_images=120, base_steps=60, lora_steps=20, compose_steps=5, cfg_steps=30, per_set=6,
+                    pairs=2, det_steps=40, seeds=2, pool=24, test=30, low_data=20, judge_steps=60, steps=10,
+                    n_boot=50)
+    return dict(n_images=600, base_steps=2500, lora_steps=300, compose_steps=60, cfg_steps=1200, per_set=24,
+                pairs=9, det_steps=500, seeds=3, pool=120, test=150, low_data=50, judge_steps=600, steps=25,
+                n_boot=500)
+
+
+def train_models(out: Path, s: dict, device: str) -> list[tuple[str, str]]:
+    """Base, every LoRA, ortho + ziplora compositions of the pairs, one triple, the CFG baseline."""
+    base_cfg = train.TrainConfig(out_dir=str(out), n_images=s["n_images"], device=device)
+    loop = train.LoopConfig(steps=s["base_steps"], sample_every=0, checkpoint_every=max(s["base_steps"], 1))
+    unet, diffusion = train.UNetConfig(), train.DiffusionConfig()
+    train.run_stage(replace(base_cfg, stage="base"), loop, unet, diffusion)
+    ckpt = str(out / "base.pt")
+    train.run_stage(replace(base_cfg, stage="lora", ckpt=ckpt, all_attributes=True),
+                    replace(loop, steps=s["lora_steps"]), unet, diffusion)
+    vocab = stages.load_model(ckpt, "cpu")[0].vocab
+    pairs = list(itertools.product(vocab["texture"], vocab["margin"]))[: s["pairs"]]
+    for (tex, mar), strategy in itertools.product(pairs, ("ortho", "ziplora")):
+        train.run_stage(replace(base_cfg, stage="compose", ckpt=ckpt, strategy=strategy,
+                                attributes=f"texture={tex},margin={mar}"),
+                        replace(loop, steps=s["compose_steps"]), unet, diffusion)
+    train.run_stage(replace(base_cfg, stage="compose", ckpt=ckpt, strategy="ortho",
+                            attributes="texture=part_solid,margin=lobulated,calcification=calcified"),
+                    replace(loop, steps=s["compose_steps"]), unet, diffusion)
+    train.run_stage(replace(base_cfg, stage="cfg", ckpt=ckpt), replace(loop, steps=s["cfg_steps"]), unet, diffusion)
+    return pairs
+
+
+def controllability(out: Path, pairs, s: dict, device) -> dict:
+    """Judge accuracy, FD_judge and Dice for every (pair, strategy), plus CFG and the triple."""
+    vocab = stages.load_model(out / "base.pt", "cpu")[0].vocab
+    real = stages.load_records("phantom", out / "data", s["n_images"], 0, vocab)
+    judge, real_batch, train_acc = diagnostics.train_attribute_judge(real, vocab, 1.4, diagnostics.JudgeSettings(
+        judge_steps=s["judge_steps"]), device)
+    pool = stages.load_records("phantom", out / "data", s["per_set"], 11, vocab)
+    results = {"judge_train_accuracy": train_acc, "sets": []}
+    jobs = [(f"texture={t},margin={m}", st) for (t, m), st in itertools.product(pairs, (*STRATEGIES, "cfg"))]
+    jobs.append(("texture=part_solid,margin=lobulated,calcification=calcified", "ortho"))
+    jobs.append(("texture=part_solid,margin=lobulated,calcification=calcified", "linear"))
+    for attrs_text, strategy in jobs:
+        attributes = control.parse_attributes(attrs_text, vocab)
+        ckpt = out / ("cfg.pt" if strategy == "cfg" else "base.pt")
+        generate, _ = control.build_generator(str(ckpt), strategy, attributes, out / "lora", device, s["steps"])
+        folder = out / "sets" / f"{strategy}_{attrs_text.replace(',', '+')}"
+        syn = pipeline.synthesize(pool, generate, folder, vocab, 1.4, 32, attributes, 1, (10.0, 20.0), 5)
+        scores, _, _ = diagnostics.score_synthetic(judge, real_batch, syn, vocab, 1.4, 32)
+        results["sets"].append({"attributes": attrs_text, "strategy": strategy, **scores})
+        print(strategy, attrs_text, json.dumps(scores["accuracy"]))
+    return results
+
+
+def diagnose_pairs(out: Path, pairs, device) -> list[dict]:
+    rows = []
+    for tex, mar in pairs:
+        text = f"texture={tex},margin={mar}"
+        res = diagnostics.diagnose(str(out / "base.pt"), text, out / "diagnose" / text, device, 0)
+        rows.append({"attributes": text, **{k: {"mean_abs_cosine": v["mean_abs_cosine"],
+                                                "attention_overlap": v["attention_overlap"]} for k, v in res.items()}})
+    return rows
+
+
+def detection(out: Path, pairs, s: dict, device) -> dict:
+    """Real-only vs + ortho synthetic vs + copy-paste vs + template, same pool images and requests."""
+    vocab = stages.load_model(out / "base.pt", "cpu")[0].vocab
+    real = evaluation.low_data_subset(stages.load_records("phantom", out / "data", s["n_images"], 0, vocab),
+                                      s["low_data"], 0)
+    pool = stages.load_records("phantom", out / "data", s["pool"], 1, vocab)
+    test = stages.load_records("phantom", out / "data", s["test"], 2, vocab)
+    crops = NoduleCrops([r for r in real if r.nodules], vocab, 32, 1.4, augment=False)
+    chunks = np.array_split(np.arange(len(pool)), len(pairs))
+    sets = {}
+    for name in ("ortho", "copy_paste", "template"):
+        records = []
+        for (tex, mar), idx in zip(pairs, chunks):
+            attributes = {"texture": tex, "margin": mar}
+            if name == "ortho":
+                generate, _ = control.build_generator(str(out / "base.pt"), "ortho", attributes, out / "lora",
+                                                      device, s["steps"])
+            else:
+                maker = baselines.copy_paste_generator if name == "copy_paste" else baselines.template_generator
+                generate = maker(crops, seed=0)
+            records += pipeline.synthesize([pool[i] for i in idx], generate, out / "det_sets" / name / f"{tex}_{mar}",
+                                           vocab, 1.4, 32, attributes, 1, (8.0, 20.0), 3)
+        sets[name] = records
+    det = evaluation.DetectConfig(det_steps=s["det_steps"], seeds=s["seeds"], n_boot=s["n_boot"])
+    real_set = evaluation.detection_set(real, 1.4, det.image_size)
+    arms = {"real_only": real_set}
+    for name, records in sets.items():
+        syn = evaluation.detection_set(records, 1.4, det.image_size)
+        arms[f"real+{name}"] = (torch.cat([real_set[0], syn[0]]), real_set[1] + syn[1])
+    test_set = evaluation.detection_set(test, 1.4, det.image_size)
+    report, preds = evaluation.detect_experiment(arms, test_set, det, device)
+    evaluation.froc_plot(out / "froc.png", [t["boxes"].numpy() for t in test_set[1]], preds)
+    (out / "detection.md").write_text(evaluation.report_markdown(report, "Detection (low-data phantom regime)"))
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out_dir", default="runs/benchmark")
+    parser.add_argument("--quick", action="store_true", help="tiny budgets: checks that everything runs")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--skip_training", action="store_true", help="reuse the models already in --out_dir")
+    args = parser.parse_args()
+    out, s, start = Path(args.out_dir), settings(args.quick), time.time()
+    device = common.resolve_device(args.device)
+    timings = {}
+    t = time.time()
+    pairs = train_models(out, s, args.device) if not args.skip_training else \
+        list(itertools.product(*(stages.load_model(out / "base.pt", "cpu")[0].vocab[a] for a in ("texture", "margin"))))[: s["pairs"]]
+    timings["training_s"] = time.time() - t
+    t = time.time()
+    result = {"settings": s, "controllability": controllability(out, pairs, s, device)}
+    timings["controllability_s"] = time.time() - t
+    t = time.time()
+    result["diagnostics"] = diagnose_pairs(out, pairs, device)
+    timings["diagnostics_s"] = time.time() - t
+    t = time.time()
+    result["detection"] = detection(out, pairs, s, device)
+    timings["detection_s"] = time.time() - t
+    timings["total_s"] = time.time() - start
+    result["timings"] = timings
+    result["machine"] = {"platform": platform.platform(), "processor": platform.processor(),
+                         "torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device)}
+    common.write_json(out / "benchmark.json", result)
+    print(json.dumps(timings, indent=1))
+
+
+if __name__ == "__main__":
+    common.run_cli(main)
