@@ -56,8 +56,12 @@ class SampleConfig:
     out_dir: str = "runs/demo/synthetic"
 
 
-def read_requests(path: Path, vocab: dict, records) -> dict:
-    """Requests CSV -> {image path: [Request]}; image paths relative to the CSV, validated like annotations."""
+def read_requests(path: Path, vocab: dict, records, attributes: dict) -> dict:
+    """Requests CSV -> {image path: [Request]}; image paths relative to the CSV, validated like annotations.
+
+    One run conditions on one attribute set (--attributes): attribute columns, where given, must agree with it,
+    so that no written label differs from what the nodule was generated with.
+    """
     known = {str(r.image): r for r in records}
     out: dict[str, list[Request]] = {}
     try:
@@ -82,6 +86,10 @@ def read_requests(path: Path, vocab: dict, records) -> dict:
         if diameter is None and mask is None:
             raise DataError(f"{where}: give diameter_mm or mask")
         attrs = control.parse_attributes(",".join(f"{a}={row[a]}" for a in vocab if row.get(a)), vocab)
+        if any(attributes.get(a) != v for a, v in attrs.items()):
+            raise DataError(f"{where}: attributes {attrs} differ from --attributes {attributes}; run sample.py "
+                            f"once per attribute set")
+        attrs = dict(attributes)
         out.setdefault(image, []).append(Request(cx, cy, None if diameter is None else diameter / spacing, mask,
                                                  attrs, 0, sum(len(v) for v in out.values())))
     return out
@@ -106,7 +114,7 @@ def main(argv=None) -> None:
     records = stages.load_records(cfg.images, out / "data", cfg.n_images, cfg.seed, vocab)
     requests = None
     if cfg.requests:
-        requests = read_requests(Path(cfg.requests), vocab, records)
+        requests = read_requests(Path(cfg.requests), vocab, records, attributes)
         records = [r for r in records if str(r.image) in requests]
     common.write_json(out / "config.json", {"sample": cfg, "base_fingerprint": payload["fingerprint"]})
     result = pipeline.synthesize(records, generate, out, vocab, cfg.spacing_mm, crop_size, attributes,

@@ -103,6 +103,8 @@ def run_stage(train: TrainConfig, loop: LoopConfig, unet_cfg: UNetConfig, diffus
         model, payload = DiffusionModel(unet_cfg, vocab, diffusion).to(device), None
     else:
         raise common.DataError(f"--stage {train.stage!r}: choose base, lora, compose, cfg or all")
+    if train.stage == "lora" and train.attribute:  # validate before the (slow) data loading
+        control.parse_attributes(train.attribute, vocab)
     records = stages.load_records(train.data, out / "data", train.n_images, train.seed, vocab)
     crops = NoduleCrops(records, vocab, unet_cfg.crop_size, train.spacing_mm, augment=True, progress=rank == 0)
     print(f"{len(crops)} nodule crops of {unet_cfg.crop_size}px from {len(records)} images")

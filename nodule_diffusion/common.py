@@ -247,7 +247,7 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises RuntimeError, pickle errors, EOFError... for bad files
         raise DataError(f"{path}: not a readable checkpoint (truncated or not written by nodule_diffusion): "
-                        f"{type(err).__name__}: {str(err).splitlines()[0][:200]}") from err
+                        f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}") from err
     if not isinstance(payload, dict) or "format_version" not in payload:
         raise DataError(f"{path}: not a nodule_diffusion checkpoint (no format_version)")
     if payload["format_version"] > CHECKPOINT_FORMAT_VERSION:

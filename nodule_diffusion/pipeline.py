@@ -103,7 +103,10 @@ def synthesize(records: list[ImageRecord], generate, out_dir: Path, vocab: dict,
         scale = spacing / spacing_mm  # working pixels per image pixel
         todo = (requests or {}).get(str(rec.image))
         if todo is None:
-            todo = random_requests(image, per_image, spacing, rng, vocab, attributes, diameter_mm, seed, index)
+            # Label only what the model is asked for: `generate` conditions on `attributes` alone, so drawing the
+            # other attributes at random would write labels the nodule was never generated with.
+            requested = {a: vocab[a] for a in attributes}
+            todo = random_requests(image, per_image, spacing, rng, requested, attributes, diameter_mm, seed, index)
         index += len(todo)
         new_image, masks = insert_nodules(image, todo, generate, crop_size, scale)
         stem = f"{Path(rec.image).stem}_syn{seed}"

@@ -1,0 +1,222 @@
+"""Tests for nodule_diffusion.training and nodule_diffusion.stages: loss, EMA, exact resume, checkpoints, LoRA stage.
+
+All models are the tiny UNet of conftest.py (16-px crops, 16/32 channels); runs are a handful of optimiser steps,
+except the "loss goes down" test (40 steps on the easy disk data set).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conftest import tiny_loop, tiny_unet_config
+from nodule_diffusion import lora, stages
+from nodule_diffusion.data import DEFAULT_VOCAB, DataError
+from nodule_diffusion.training import (EMA, DiffusionConfig, DiffusionModel, denoising_loss, drop_attributes,
+                                       loop_state_dict)
+
+CPU = torch.device("cpu")
+
+
+def new_model(seed: int = 0, **diffusion) -> DiffusionModel:
+    torch.manual_seed(seed)
+    return DiffusionModel(tiny_unet_config(), DEFAULT_VOCAB, DiffusionConfig(**diffusion))
+
+
+def fixed_inputs(model: DiffusionModel, n: int = 3):
+    """A fixed batch of model inputs (x_t, t, mask, context, attrs) for output comparisons."""
+    g = torch.Generator().manual_seed(7)
+    s = model.unet_config.crop_size
+    xt, context = torch.randn(n, 1, s, s, generator=g), torch.randn(n, 1, s, s, generator=g)
+    mask = (torch.rand(n, 1, s, s, generator=g) > 0.7).float()
+    t = torch.tensor([0, 500, 999][:n])
+    attrs = torch.tensor([[-1, -1, -1], [0, 1, -1], [2, 2, 1]][:n])
+    return xt, t, mask, context, attrs
+
+
+# ----------------------------------------------------------------------------------------------- loss, EMA, CFG
+def test_denoising_loss_weights_the_dilated_mask(disk_crops):
+    """A model whose error is exactly 1 inside the region and 0 outside has loss λ·|R| / (λ·|R| + |¬R|)."""
+    batch = disk_crops.get(torch.arange(4), torch.Generator().manual_seed(0))
+    scheduler = DiffusionConfig(prediction_type="sample").scheduler()  # target = x0, known to the fake model
+
+    def fake_model(xt, t, mask, context, attrs):
+        return batch["x0"] + batch["region"]
+
+    lam = 5.0
+    loss = denoising_loss(fake_model, scheduler, batch, lam, torch.Generator().manual_seed(0))
+    inside = batch["region"].sum().item()
+    outside = batch["region"].numel() - inside
+    assert inside > 0 and outside > 0
+    assert loss.item() == pytest.approx(lam * inside / (lam * inside + outside), rel=1e-5)
+
+
+def test_ema_update_formula():
+    """θ_ema ← d·θ_ema + (1 − d)·θ for every floating-point tensor."""
+    net = torch.nn.Linear(3, 2)
+    ema = EMA(net, decay=0.75)
+    before = {k: v.clone() for k, v in ema.shadow.items()}
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+    ema.update(net)
+    for name, value in net.state_dict().items():
+        assert torch.allclose(ema.shadow[name], 0.75 * before[name] + 0.25 * value, rtol=0, atol=1e-7), name
+
+
+def test_drop_attributes_rate_is_p():
+    """Each attribute is nulled independently with probability p: rate ≈ p, joint rate ≈ p² [CFG §3.2]."""
+    attrs = torch.zeros(40000, 3, dtype=torch.long)
+    g = torch.Generator().manual_seed(0)
+    p = 0.1
+    dropped = drop_attributes(attrs, p, g) == -1
+    assert set(drop_attributes(attrs, p, g).unique().tolist()) <= {-1, 0}  # kept values are untouched
+    sd = math.sqrt(p * (1 - p) / dropped.numel())
+    assert abs(dropped.float().mean().item() - p) < 5 * sd
+    for k in range(3):  # every column at the same rate
+        assert abs(dropped[:, k].float().mean().item() - p) < 5 * math.sqrt(p * (1 - p) / len(attrs))
+    both = (dropped[:, 0] & dropped[:, 1]).float().mean().item()
+    assert abs(both - p * p) < 5 * math.sqrt(p * p / len(attrs))  # independence across attributes
+    assert not (drop_attributes(attrs, 0.0, g) == -1).any()
+    assert (drop_attributes(attrs, 1.0, g) == -1).all()
+
+
+# ----------------------------------------------------------------------------------------------- training loop
+def test_training_lowers_the_loss(disk_crops, tmp_path):
+    """40 steps on bright disks bring the (fixed-draw) denoising loss well below its initial value of ≈ 1."""
+    model = new_model(0)
+    scheduler = model.diffusion.scheduler()
+
+    def evaluate() -> float:
+        g = torch.Generator().manual_seed(123)  # the same crops, t and ε before and after training
+        batch = disk_crops.get(torch.arange(len(disk_crops)), g)
+        null = torch.full_like(batch["attrs"], -1)
+        with torch.no_grad():
+            return sum(denoising_loss(model, scheduler, batch, 5.0, g, null).item() for _ in range(4)) / 4
+
+    before = evaluate()
+    assert before == pytest.approx(1.0, abs=0.15)  # zero-initialised output: loss = E[ε²] = 1 at the start
+    stages.train_base(model, disk_crops, tiny_loop(40, ema_decay=0.0), CPU, torch.Generator().manual_seed(0),
+                      tmp_path)
+    assert evaluate() < 0.5 * before
+
+
+def test_resume_gives_the_same_losses_as_an_uninterrupted_run(disk_crops, tmp_path):
+    """Train 6 steps straight vs 3 steps → checkpoint on disk → rebuild → 3 more: identical losses and weights."""
+    loop = tiny_loop(6)
+    straight, losses_straight = new_model(0), []
+    state_straight = stages.train_base(straight, disk_crops, loop, CPU, torch.Generator().manual_seed(5), tmp_path,
+                                       on_step=lambda step, s: losses_straight.append(s["loss"]))
+
+    first, losses_resumed = new_model(0), []
+    state = stages.train_base(first, disk_crops, tiny_loop(3), CPU, torch.Generator().manual_seed(5), tmp_path,
+                              on_step=lambda step, s: losses_resumed.append(s["loss"]))
+    path = tmp_path / "interrupted.pt"
+    stages.save_model(path, first, state, "base", {})
+    del first, state
+    second, payload = stages.load_model(path, CPU, raw=True)
+    assert payload["loop"]["step"] == 3
+    generator = torch.Generator().manual_seed(999)  # deliberately wrong: the checkpoint's state must win
+    resumed = stages.train_base(second, disk_crops, loop, CPU, generator, tmp_path, state=payload["loop"],
+                                on_step=lambda step, s: losses_resumed.append(s["loss"]))
+
+    assert len(losses_straight) == 6 and losses_resumed == losses_straight  # bit-identical floats
+    for (name, a), b in zip(straight.state_dict().items(), second.state_dict().values()):
+        assert torch.equal(a, b), name
+    for name, value in state_straight["ema"].shadow.items():
+        assert torch.equal(value, resumed["ema"].shadow[name]), name
+    assert resumed["step"] == 6
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+def test_checkpoint_round_trip_rebuilds_the_model(disk_crops, tmp_path):
+    """weights_only=True loads the file; load_model rebuilds raw and EMA models from it alone, same outputs."""
+    model = new_model(1)
+    state = stages.train_base(model, disk_crops, tiny_loop(2), CPU, torch.Generator().manual_seed(0), tmp_path)
+    path = tmp_path / "base.pt"
+    stages.save_model(path, model, state, "base", {"note": "test"})
+
+    payload = torch.load(path, weights_only=True)
+    for key in ("format_version", "kind", "unet_config", "vocab", "diffusion_config", "weights", "model", "loop",
+                "rng_state", "train_config", "fingerprint"):
+        assert key in payload, key
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in payload["model"])
+    assert payload["fingerprint"] == stages.fingerprint(payload["weights"])
+    loop = loop_state_dict(state)
+    assert payload["loop"]["step"] == loop["step"] == 2
+
+    inputs = fixed_inputs(model)
+    model.eval()
+    raw, _ = stages.load_model(path, CPU, raw=True)
+    ema_model, _ = stages.load_model(path, CPU)
+    raw.eval(), ema_model.eval()
+    with torch.no_grad():
+        assert torch.equal(raw(*inputs), model(*inputs))
+        model.load_state_dict(state["ema"].shadow)  # the EMA checkpoint weights are the loop's EMA shadow
+        assert torch.equal(ema_model(*inputs), model(*inputs))
+    assert raw.unet_config == model.unet_config and raw.vocab == model.vocab
+    assert raw.diffusion == model.diffusion
+
+
+def test_broken_checkpoints_raise_data_error(tiny_base, tmp_path):
+    data = tiny_base.read_bytes()
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(data[: len(data) // 2])
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, foreign)
+    for path in (truncated, empty, foreign, tmp_path / "missing.pt"):
+        with pytest.raises(DataError, match=path.name):
+            stages.load_model(path, CPU)
+
+
+def test_checkpoint_of_the_wrong_kind_is_refused(tiny_base, tmp_path):
+    model, payload = stages.load_model(tiny_base, CPU)
+    lora.inject_lora(model.unet, stages.LORA_TARGETS, "texture=solid", 2, 2.0)
+    path = tmp_path / "texture=solid.pt"
+    stages.save_lora(path, model, "texture=solid", payload["fingerprint"], {})
+    with pytest.raises(DataError, match="not a diffusion model checkpoint"):
+        stages.load_model(path, CPU)
+
+
+# ----------------------------------------------------------------------------------------------- LoRA stage
+def _base_name(key: str) -> str:
+    """State-dict key of a wrapped layer → the key it had before injection (`to_q.base.weight` → `to_q.weight`)."""
+    return key.replace(".base.", ".")
+
+
+def test_lora_stage_trains_only_the_adapter_and_its_token(tiny_base, disk_crops):
+    model, _ = stages.load_model(tiny_base, CPU)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    stages.train_lora(model, disk_crops, "texture", "solid", 4, 4.0, tiny_loop(3), CPU,
+                      torch.Generator().manual_seed(0))
+
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(("lora_A.texture=solid" in n or "lora_B.texture=solid" in n) for n in trainable
+                             if n != "tokens.values.texture=solid")
+    assert "tokens.values.texture=solid" in trainable
+    adapters = lora.adapter_state(model.unet, "texture=solid")
+    assert adapters and any(v.abs().max() > 0 for k, v in adapters.items() if k.endswith("lora_B"))  # B left 0
+
+    after = model.state_dict()
+    for key, value in after.items():
+        if ".lora_" in key:
+            continue
+        old = before[_base_name(key)]
+        if key == "tokens.values.texture=solid":
+            assert not torch.equal(value, old), "the attribute token should have trained"
+        else:
+            assert torch.equal(value, old), f"{key} changed during the LoRA stage"
+    assert {_base_name(k) for k in after if ".lora_" not in k} == set(before)
+
+
+def test_lora_stage_rejects_values_without_data(tiny_base, disk_crops):
+    model, _ = stages.load_model(tiny_base, CPU)
+    with pytest.raises(DataError, match="unknown attribute value"):
+        stages.train_lora(model, disk_crops, "texture", "plaid", 2, 2.0, tiny_loop(1), CPU, torch.Generator())
+    with pytest.raises(DataError, match="calcification=calcified"):  # the disk data set has no calcification labels
+        stages.train_lora(model, disk_crops, "calcification", "calcified", 2, 2.0, tiny_loop(1), CPU,
+                          torch.Generator())
