@@ -64,7 +64,7 @@ def low_data_subset(records, n_positive: int, seed: int):
 def train_and_predict(train_images, train_targets, test_images, cfg: DetectConfig, seed: int, device,
                       det_config: DetectorConfig | None = None) -> list[dict]:
     seed_everything(seed)
-    model = FasterRCNN(det_config or DetectorConfig())
+    model = FasterRCNN(det_config or DetectorConfig(score_thresh=0.001))  # low threshold: full FROC curves
     train_detector(model, train_images, train_targets, steps=cfg.det_steps, batch_size=cfg.det_batch_size,
                    lr=cfg.det_lr, seed=seed, device=device)
     model.eval()
