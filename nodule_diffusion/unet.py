@@ -264,8 +264,10 @@ class UNet(nn.Module):
                 attns.append(attn(ch, level))
                 skips.append(ch)
             last = level == levels - 1
-            down.append(Level(blocks, [a for a in attns if a], None if last else nn.Conv2d(ch, ch, 3, 2, 1)))
-            skips += [] if last else [ch]
+            downsample = None if last else nn.Conv2d(ch, ch, 3, stride=2, padding=1)  # (B, C, H/2, W/2)
+            down.append(Level(blocks, [a for a in attns if a is not None], downsample))
+            if not last:
+                skips.append(ch)
         self.down = nn.ModuleList(down)
 
         self.mid_res1 = res(ch, ch)
@@ -280,7 +282,7 @@ class UNet(nn.Module):
                 blocks.append(res(ch + skips.pop(), base * cfg.channel_mult[level]))
                 ch = base * cfg.channel_mult[level]
                 attns.append(attn(ch, level))
-            up.append(Level(blocks, [a for a in attns if a], Upsample(ch) if level > 0 else None))
+            up.append(Level(blocks, [a for a in attns if a is not None], Upsample(ch) if level > 0 else None))
         self.up = nn.ModuleList(up)
 
         self.norm_out = nn.GroupNorm(groups, ch)
