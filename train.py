@@ -50,6 +50,7 @@ class TrainConfig:
     strategy: str = "ortho"  # compose stage: ortho | ziplora
     lora_rank: int = 8
     lora_alpha: float = 8.0  # scaling α/r = 1 at the default rank [LoRA §4.1]
+    lora_init: str = "kaiming"  # kaiming | orthogonal_bases (fixed disjoint A per value, only B trains)
     lambda_orth: float = 1.0  # weight of L_orth [OURS]
     lambda_attn: float = 0.1  # weight of L_attn [OURS]
     lambda_zip: float = 0.01  # ZipLoRA's merger-similarity weight [ZipLoRA §4]
@@ -84,6 +85,8 @@ def main(argv=None) -> None:
         pipeline.run_all(train, loop, unet_cfg, diffusion, detect, demo, run_stage)
     else:
         run_stage(train, loop, unet_cfg, diffusion)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def run_stage(train: TrainConfig, loop: LoopConfig, unet_cfg: UNetConfig, diffusion: DiffusionConfig) -> list:
@@ -163,11 +166,12 @@ def train_loras(train, loop, model, crops, device, generator, log, base_fp) -> l
         attribute, _, value = name.partition("=")
         model.load_state_dict(base_state)  # every adapter starts from the same frozen base and token init
         stages.train_lora(model, crops, attribute, value, train.lora_rank, train.lora_alpha, loop, device,
-                          generator, logger_for(log, loop, f"lora {name}"))
+                          generator, logger_for(log, loop, f"lora {name}"), train.lora_init)
         path = Path(train.out_dir) / "lora" / f"{name}.pt"
         path.parent.mkdir(parents=True, exist_ok=True)
         stages.save_lora(path, model, name, base_fp, {"attribute": attribute, "value": value,
                                                       "r": train.lora_rank, "alpha": train.lora_alpha,
+                                                      "init": train.lora_init,
                                                       "targets": list(stages.LORA_TARGETS), "steps": loop.steps})
         pipeline.lora_grid(model, crops, name, Path(train.out_dir) / "lora" / f"{name}.png", device)
         lora.remove_adapter(model.unet, name)

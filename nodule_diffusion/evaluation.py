@@ -85,17 +85,17 @@ def detect_experiment(arms: dict[str, tuple[torch.Tensor, list[dict]]], test: tu
     preds = {name: [train_and_predict(images, targets, test_images, cfg, 1000 + s, device, det_config)
                     for s in range(cfg.seeds)] for name, (images, targets) in arms.items()}
 
-    def metric_fn(name, key):
-        runs = preds[name]
+    cache: dict = {}  # every metric and arm sees the same resamples (same seed): compute each report once
 
-        def fn(idx):
-            values = []
-            for run in runs:
-                rep = metrics.detection_report([gt[i] for i in idx], [run[i]["boxes"].numpy() for i in idx],
-                                               [run[i]["scores"].numpy() for i in idx])
-                values.append(rep[key])
-            return float(np.mean(values))
-        return fn
+    def reports(name, idx):
+        key = (name, idx.tobytes())
+        if key not in cache:
+            cache[key] = [metrics.detection_report([gt[i] for i in idx], [run[i]["boxes"].numpy() for i in idx],
+                                                   [run[i]["scores"].numpy() for i in idx]) for run in preds[name]]
+        return cache[key]
+
+    def metric_fn(name, key):
+        return lambda idx: float(np.mean([rep[key] for rep in reports(name, np.asarray(idx))]))
 
     report = {"config": cfg.__dict__, "n_test_images": len(gt), "arms": {}}
     for name in arms:
@@ -132,13 +132,34 @@ def froc_plot(path, gt: list[np.ndarray], preds: dict[str, list[list[dict]]], si
         det_s = [p["scores"].numpy() for run in runs for p in run]
         curve = metrics.froc(gt * len(runs), det_b, det_s)
         fps, sens = curve["curve_fp_per_image"], curve["curve_sensitivity"]
-        points = [(x_of(f), y_of(s)) for f, s in zip(fps, sens) if f >= 0.125]
+        points = [(x_of(f), y_of(s)) for f, s in zip(fps, sens) if 0.125 <= f <= 8]
         colour = colours[k % len(colours)]
         if len(points) > 1:
             draw.line(points, fill=colour, width=2)
         draw.text((left + 8, top + 6 + 14 * k), name, fill=colour)
     with atomic_path(path) as tmp:
         img.save(tmp, format="PNG")
+
+
+def detections_png(path, images: torch.Tensor, gt: list[np.ndarray], preds: list[dict], n: int = 6,
+                   top: int = 3) -> None:
+    """Example test images with ground truth (green) and the top-scoring detections (red, with scores)."""
+    tiles = []
+    for i in range(min(n, len(images))):
+        tile = Image.fromarray((images[i, 0].numpy() * 255).astype(np.uint8)).convert("RGB")
+        draw = ImageDraw.Draw(tile)
+        for box in gt[i]:
+            draw.rectangle([float(v) for v in box], outline=(0, 220, 0))
+        for box, score in list(zip(preds[i]["boxes"].tolist(), preds[i]["scores"].tolist()))[:top]:
+            draw.rectangle(box, outline=(230, 30, 30))
+            draw.text((box[0], max(box[1] - 10, 0)), f"{score:.2f}", fill=(230, 30, 30))
+        tiles.append(tile)
+    w, h = tiles[0].size
+    sheet = Image.new("RGB", (w * len(tiles), h))
+    for k, tile in enumerate(tiles):
+        sheet.paste(tile, (k * w, 0))
+    with atomic_path(path) as tmp:
+        sheet.save(tmp, format="PNG")
 
 
 def report_markdown(report: dict, title: str) -> str:

@@ -56,9 +56,12 @@ def _generate_for(model, crops, indices, attrs, steps=25, seed=0):
 
 
 def _grid(batch, x0, path, labels):
+    """mask | real | generated, where "generated" is what insertion keeps: the model's pixels inside the dilated
+    mask, the real context outside it."""
     tiles, names = [], []
+    pasted = batch["context"] + batch["region"] * x0  # context is zero inside the region
     for i in range(len(x0)):
-        tiles += [batch["mask"][i, 0].numpy(), (batch["x0"][i, 0].numpy() + 1) / 2, (x0[i, 0].numpy() + 1) / 2]
+        tiles += [batch["mask"][i, 0].numpy(), (batch["x0"][i, 0].numpy() + 1) / 2, (pasted[i, 0].numpy() + 1) / 2]
         names += ["mask", "real", labels[i]]
     contact_sheet(tiles, names, path, columns=9)
 
@@ -174,7 +177,7 @@ def run_all(train, loop, unet_cfg, diffusion, detect, demo: DemoConfig, run_stag
     print("== 4/5 inserting nodules into held-out images")
     device = common.resolve_device(train.device)
     attributes = control.parse_attributes(train.attributes, stages.load_model(base, "cpu")[0].vocab)
-    generate, model = control.build_generator(str(base), "ortho", attributes, out / "lora", device)
+    generate, model = control.build_generator(str(base), "ortho", attributes, out / "lora", device, steps=25)
     pool = stages.load_records("phantom", out / "data", demo.synthetic_images, train.seed + 1, model.vocab)
     synthetic = synthesize(pool, generate, out / "synthetic", model.vocab, train.spacing_mm, unet_cfg.crop_size,
                            attributes, 1, (8.0, 20.0), train.seed)
@@ -201,7 +204,10 @@ def evaluate_detection(real, synthetic, test, detect, spacing_mm, device, out: P
     test_set = evaluation.detection_set(test, spacing_mm, size)
     report, preds = evaluation.detect_experiment({"real_only": real_set, "real+synthetic": both}, test_set,
                                                  detect, device)
-    evaluation.froc_plot(out / "froc.png", [t["boxes"].numpy() for t in test_set[1]], preds)
+    gt = [t["boxes"].numpy() for t in test_set[1]]
+    evaluation.froc_plot(out / "froc.png", gt, preds)
+    for name, runs in preds.items():  # first seed of each arm
+        evaluation.detections_png(out / f"detections_{name.replace('+', '_')}.png", test_set[0], gt, runs[0])
     (out / "report_detect.md").write_text(evaluation.report_markdown(report, "Detection: real only vs real + synthetic"))
     common.write_json(out / "report_detect.json", report)
     return report
@@ -218,5 +224,7 @@ def write_demo_report(out: Path, report: dict, names: list[str]) -> None:
              *(f"\nLoRA `{n}` (masks of nodules without the value, generated with it): ![](lora/{n}.png)"
                for n in names),
              "\nInserted nodules (`ortho` composition of " + " + ".join(names) + "): "
-             "![](synthetic/contact_sheet.png)", "\nFROC curves: ![](froc.png)", ""]
+             "![](synthetic/contact_sheet.png)", "\nFROC curves: ![](froc.png)",
+             "\nTest images, ground truth (green) and top detections (red): real only "
+             "![](detections_real_only.png), real + synthetic ![](detections_real_synthetic.png)", ""]
     (out / "report.md").write_text("\n".join(lines))

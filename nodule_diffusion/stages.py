@@ -98,12 +98,21 @@ def only(attrs: torch.Tensor, vocab: dict, keep: list[str]) -> torch.Tensor:
 
 
 def train_lora(model: DiffusionModel, crops: NoduleCrops, attribute: str, value: str, r: int, alpha: float,
-               cfg: LoopConfig, device, generator, on_step=None) -> dict:
-    """LoRA stage for one attribute value: adapter on the attention projections + that value's token train."""
+               cfg: LoopConfig, device, generator, on_step=None, init: str = "kaiming") -> dict:
+    """LoRA stage for one attribute value: adapter on the attention projections + that value's token train.
+
+    init="orthogonal_bases": Orthogonal Adaptation [Po et al. 2024 §3.2]: A is a fixed slice of a shared random
+    orthogonal basis, disjoint for every value of the vocabulary, and only B trains; any two such adapters then
+    have ⟨ΔW_i, ΔW_j⟩_F = 0 by construction (the "fixed orthogonal bases" strategy, merged by `linear`).
+    """
     idx = subset_of(crops, model.vocab, attribute, value)
     name = f"{attribute}={value}"
     model.requires_grad_(False)
     lora.inject_lora(model.unet, LORA_TARGETS, name, r, alpha)
+    if init == "orthogonal_bases":
+        _fix_orthogonal_basis(model, name, r)
+    elif init != "kaiming":
+        raise DataError(f"--lora_init {init!r}: choose kaiming or orthogonal_bases")
     lora.set_active(model.unet, [name])
     token = model.tokens.values[name]
     token.requires_grad_(True)
@@ -117,6 +126,20 @@ def train_lora(model: DiffusionModel, crops: NoduleCrops, attribute: str, value:
 
     cfg = LoopConfig(**{**to_plain(cfg), "ema_decay": 0.0})  # adapters are small and short-trained: no EMA
     return fit(model, params, loss_fn, cfg, device, generator, None, on_step, desc=f"lora {name}")
+
+
+def _fix_orthogonal_basis(model: DiffusionModel, name: str, r: int) -> None:
+    """Replace A of adapter `name` in every layer by its disjoint slice of a seeded orthogonal basis; freeze A."""
+    values = [f"{a}={v}" for a, vs in model.vocab.items() for v in vs]
+    slot = values.index(name)
+    with torch.no_grad():
+        for layer_name, layer in lora.lora_layers(model.unet).items():
+            if layer.in_features < r * len(values):
+                raise DataError(f"orthogonal_bases: layer {layer_name} has {layer.in_features} inputs, fewer than "
+                                f"rank {r} × {len(values)} vocabulary values; lower --lora_rank")
+            bases = lora.orthogonal_bases(layer.in_features, r, len(values), seed=0)  # same seed: shared basis
+            layer.lora_A[name].copy_(bases[slot])
+            layer.lora_A[name].requires_grad_(False)
 
 
 def save_lora(path: Path, model: DiffusionModel, name: str, base_fp: str, config: dict) -> None:
@@ -228,7 +251,10 @@ def save_composed(path: Path, model: DiffusionModel, names: list[str], base_fp: 
 
 # ----------------------------------------------------------------------------------------------- data
 def load_records(spec: str, cache_dir: Path, n_images: int, seed: int, vocab: dict) -> list:
-    """Records for a `--data` spec: "phantom" (generated once into cache_dir, seeded) or "FORMAT:PATH"."""
+    """Records for a `--data` spec: "phantom" (generated once into cache_dir, seeded) or "FORMAT:PATH".
+
+    Under DDP only rank 0 generates the phantom; the other ranks wait at a barrier and then read it.
+    """
     from nodule_diffusion import datasets, phantom
     from nodule_diffusion.data import read_annotations
 
@@ -236,7 +262,10 @@ def load_records(spec: str, cache_dir: Path, n_images: int, seed: int, vocab: di
     if fmt == "phantom":
         folder = Path(cache_dir) / f"phantom_seed{seed}_n{n_images}"
         csv_path = folder / "annotations.csv"
-        if not csv_path.is_file():
+        distributed = torch.distributed.is_initialized()
+        if not csv_path.is_file() and (not distributed or torch.distributed.get_rank() == 0):
             phantom.make_dataset(folder, n_images, seed, vocab=vocab)
+        if distributed:
+            torch.distributed.barrier()
         return read_annotations(csv_path, vocab)
     return datasets.load_data(fmt, path, vocab)

@@ -33,9 +33,11 @@ class DiffusionConfig:
     mask_weight: float = 5.0  # loss weight inside dilate(M) relative to outside (1.0 = plain ε-MSE)
 
     def scheduler(self, sampler: str = "ddim"):
+        """The sampler; x0_pred is clipped to the data range [−1, 1] at every step, as pixel-space DDPM
+        samplers do (improved-diffusion's clip_denoised), which keeps a weakly trained model's chain bounded."""
         cls = DDIMScheduler if sampler == "ddim" else DDPMScheduler
         return cls(num_train_timesteps=self.num_train_timesteps, beta_schedule=self.beta_schedule,
-                   prediction_type=self.prediction_type)
+                   prediction_type=self.prediction_type, clip_sample=True)
 
 
 class DiffusionModel(torch.nn.Module):
@@ -78,25 +80,32 @@ def denoising_loss(model, scheduler, batch: dict, mask_weight: float, generator:
 
 
 class EMA:
-    """θ_ema ← d·θ_ema + (1 − d)·θ over floating-point tensors of a state dict [IDDPM §3]."""
+    """θ_ema ← d_k·θ_ema + (1 − d_k)·θ over floating-point tensors of a state dict [IDDPM §3].
+
+    DEVIATION: d_k = min(decay, (1 + k)/(10 + k)) at update k (the warm-up of TensorFlow's
+    ExponentialMovingAverage with num_updates). A constant 0.999 would leave a short CPU run's EMA weights mostly
+    at their (zero-output) initialisation; with the warm-up the EMA tracks the weights early and averages late.
+    """
 
     def __init__(self, module: torch.nn.Module, decay: float):
-        self.decay = decay
+        self.decay, self.updates = decay, 0
         self.shadow = {k: v.detach().clone() for k, v in unwrap(module).state_dict().items()}
 
     @torch.no_grad()
     def update(self, module: torch.nn.Module) -> None:
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        self.updates += 1
         for name, value in unwrap(module).state_dict().items():
             if value.dtype.is_floating_point:
-                self.shadow[name].lerp_(value.detach(), 1.0 - self.decay)
+                self.shadow[name].lerp_(value.detach(), 1.0 - decay)
             else:
                 self.shadow[name].copy_(value)
 
 
 @dataclass
 class LoopConfig:
-    steps: int = 1500
-    batch_size: int = 32
+    steps: int = 800  # ≈ 6 min on a 2-core CPU at batch 16 with the default UNet
+    batch_size: int = 16
     lr: float = 3e-4
     warmup: int = 100  # linear warm-up steps
     weight_decay: float = 0.0
@@ -131,6 +140,7 @@ def fit(model: torch.nn.Module, params: list[torch.nn.Parameter], loss_fn, cfg: 
         optimizer.load_state_dict(state["optimizer"])
         if ema is not None and state.get("ema") is not None:
             ema.shadow = {k: v.to(device) for k, v in state["ema"].items()}
+            ema.updates = state["step"]
         generator.set_state(state["generator"])
         start = state["step"]
     loop = {"step": start, "optimizer": optimizer, "ema": ema, "generator": generator}

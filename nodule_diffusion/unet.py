@@ -50,7 +50,7 @@ class UNetConfig:
     num_res_blocks: int = 1         # ResBlocks per level on the way down (the up path has one more)
     # Indices into channel_mult (level 0 = full resolution, level i = crop_size / 2^i). Not pixel sizes, not
     # downsample factors: one meaning (notes/style.md §3, complaint 5).
-    attention_levels: tuple[int, ...] = (1, 2)
+    attention_levels: tuple[int, ...] = (2,)  # 8×8 at crop 32: attention at 16×16 costs ~2× a CPU step
     mid_attention: bool = True      # transformer block in the middle (lowest-resolution) block, as in [LDM]
     num_heads: int = 4              # attention heads; head dim d = channels / num_heads
     context_dim: int = 64           # D, the width of the conditioning tokens
