@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from nodule_diffusion import common, control, lora, pipeline, stages
+from nodule_diffusion import common, control, pipeline, stages
 from nodule_diffusion.data import DEFAULT_VOCAB, NoduleCrops
 from nodule_diffusion.evaluation import DetectConfig
 from nodule_diffusion.training import DiffusionConfig, DiffusionModel, LoopConfig
@@ -161,10 +161,10 @@ def train_loras(train, loop, model, crops, device, generator, log, base_fp) -> l
     else:
         raise common.DataError("--stage lora needs --attribute ATTR=VALUE or --all_attributes")
     paths = []
-    base_state = {k: v.clone() for k, v in model.state_dict().items()}
-    for name in wanted:
+    for k, name in enumerate(wanted):
         attribute, _, value = name.partition("=")
-        model.load_state_dict(base_state)  # every adapter starts from the same frozen base and token init
+        if k:  # every adapter starts from the same frozen base and token init: a fresh model from the checkpoint
+            model = stages.load_model(train.ckpt, device)[0]
         stages.train_lora(model, crops, attribute, value, train.lora_rank, train.lora_alpha, loop, device,
                           generator, logger_for(log, loop, f"lora {name}"), train.lora_init)
         path = Path(train.out_dir) / "lora" / f"{name}.pt"
@@ -174,7 +174,6 @@ def train_loras(train, loop, model, crops, device, generator, log, base_fp) -> l
                                                       "init": train.lora_init,
                                                       "targets": list(stages.LORA_TARGETS), "steps": loop.steps})
         pipeline.lora_grid(model, crops, name, Path(train.out_dir) / "lora" / f"{name}.png", device)
-        lora.remove_adapter(model.unet, name)
         paths.append(path)
         print(f"wrote {path}")
     return paths

@@ -54,16 +54,18 @@ def test_denoising_loss_weights_the_dilated_mask(disk_crops):
 
 
 def test_ema_update_formula():
-    """θ_ema ← d·θ_ema + (1 − d)·θ for every floating-point tensor."""
+    """θ_ema ← d_k·θ_ema + (1 − d_k)·θ with the warm-up d_k = min(decay, (1 + k)/(10 + k)) at update k."""
     net = torch.nn.Linear(3, 2)
     ema = EMA(net, decay=0.75)
-    before = {k: v.clone() for k, v in ema.shadow.items()}
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(1.0)
-    ema.update(net)
-    for name, value in net.state_dict().items():
-        assert torch.allclose(ema.shadow[name], 0.75 * before[name] + 0.25 * value, rtol=0, atol=1e-7), name
+    for k in range(30):  # d_k = 0.1, 0.18, … then capped at 0.75 once (1 + k)/(10 + k) exceeds it (k ≥ 24)
+        before = {key: v.clone() for key, v in ema.shadow.items()}
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(1.0)
+        ema.update(net)
+        d = min(0.75, (1 + k) / (10 + k))
+        for name, value in net.state_dict().items():
+            assert torch.allclose(ema.shadow[name], d * before[name] + (1 - d) * value, rtol=1e-6, atol=1e-5), (k, name)
 
 
 def test_drop_attributes_rate_is_p():
