@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -54,6 +54,7 @@ class TrainConfig:
     lambda_orth: float = 1.0  # weight of L_orth [OURS]
     lambda_attn: float = 0.1  # weight of L_attn [OURS]
     lambda_zip: float = 0.01  # ZipLoRA's merger-similarity weight [ZipLoRA §4]
+    compose_lr: float = 0.01  # merger learning rate: m starts at 1 and must move within a few dozen steps
     cfg_dropout: float = 0.1  # cfg stage: p of dropping each attribute to its null token [CFG §3.2]
     vocab: str = ""  # JSON file with the attribute vocabulary (default: texture, margin, calcification)
 
@@ -190,6 +191,7 @@ def train_composition(train, loop, model, crops, device, generator, log, base_fp
                                "(training-free strategies are applied by sample.py)")
     for name in names:
         stages.load_lora(Path(train.out_dir) / "lora" / f"{name}.pt", model, base_fp, name)
+    loop = replace(loop, lr=train.compose_lr)
     stages.train_compose(model, crops, names, train.strategy, loop, device, generator, train.lambda_orth,
                          train.lambda_attn, train.lambda_zip, logger_for(log, loop, f"compose {train.strategy}"))
     path = control.composed_path(Path(train.out_dir), train.strategy, names)

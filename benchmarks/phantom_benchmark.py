@@ -41,8 +41,8 @@ def settings(quick: bool) -> dict:
         return dict(n_images=120, base_steps=60, batch_size=8, lora_steps=20, compose_steps=5, cfg_steps=30,
                     per_set=6, pairs=2, det_steps=40, seeds=2, pool=24, test=30, low_data=20, judge_steps=60,
                     steps=10, n_boot=50)
-    return dict(n_images=400, base_steps=800, batch_size=16, lora_steps=100, compose_steps=20, cfg_steps=400,
-                per_set=16, pairs=9, det_steps=200, seeds=3, pool=90, test=120, low_data=50, judge_steps=400,
+    return dict(n_images=400, base_steps=700, batch_size=16, lora_steps=100, compose_steps=15, cfg_steps=400,
+                per_set=12, pairs=9, det_steps=160, seeds=3, pool=90, test=120, low_data=50, judge_steps=400,
                 steps=20, n_boot=300)
 
 

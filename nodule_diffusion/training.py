@@ -119,8 +119,9 @@ class LoopConfig:
 
 
 def lr_at(step: int, cfg: LoopConfig) -> float:
-    """Linear warm-up, then constant (short CPU runs do not profit from decay)."""
-    return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
+    """Linear warm-up over min(warmup, steps/5) steps, then constant (short CPU runs do not profit from decay)."""
+    warmup = max(1, min(cfg.warmup, cfg.steps // 5))
+    return cfg.lr * min(1.0, (step + 1) / warmup)
 
 
 def fit(model: torch.nn.Module, params: list[torch.nn.Parameter], loss_fn, cfg: LoopConfig,
