@@ -54,6 +54,7 @@ class TrainConfig:
     lambda_orth: float = 1.0  # weight of L_orth [OURS]
     lambda_attn: float = 0.1  # weight of L_attn [OURS]
     lambda_zip: float = 0.01  # ZipLoRA's merger-similarity weight [ZipLoRA §4]
+    lora_lr: float = 2e-3  # LoRA learning rate: B starts at 0 and a CPU budget allows ~100 steps [LoRA §4.1]
     compose_lr: float = 0.01  # merger learning rate: m starts at 1 and must move within a few dozen steps
     cfg_dropout: float = 0.1  # cfg stage: p of dropping each attribute to its null token [CFG §3.2]
     vocab: str = ""  # JSON file with the attribute vocabulary (default: texture, margin, calcification)
@@ -166,7 +167,8 @@ def train_loras(train, loop, model, crops, device, generator, log, base_fp) -> l
         attribute, _, value = name.partition("=")
         if k:  # every adapter starts from the same frozen base and token init: a fresh model from the checkpoint
             model = stages.load_model(train.ckpt, device)[0]
-        stages.train_lora(model, crops, attribute, value, train.lora_rank, train.lora_alpha, loop, device,
+        stages.train_lora(model, crops, attribute, value, train.lora_rank, train.lora_alpha,
+                          replace(loop, lr=train.lora_lr), device,
                           generator, logger_for(log, loop, f"lora {name}"), train.lora_init)
         path = Path(train.out_dir) / "lora" / f"{name}.pt"
         path.parent.mkdir(parents=True, exist_ok=True)

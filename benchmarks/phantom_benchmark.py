@@ -52,8 +52,9 @@ def train_models(out: Path, s: dict, device: str) -> list[tuple[str, str]]:
     loop = train.LoopConfig(steps=s["base_steps"], batch_size=s["batch_size"], sample_every=0,
                             checkpoint_every=max(s["base_steps"], 1))
     unet, diffusion = train.UNetConfig(attention_levels=(2,)), train.DiffusionConfig()
-    train.run_stage(replace(base_cfg, stage="base"), loop, unet, diffusion)
     ckpt = str(out / "base.pt")
+    if not (out / "base.pt").is_file():  # a rerun reuses the base model (the slowest stage)
+        train.run_stage(replace(base_cfg, stage="base"), loop, unet, diffusion)
     train.run_stage(replace(base_cfg, stage="lora", ckpt=ckpt, all_attributes=True),
                     replace(loop, steps=s["lora_steps"]), unet, diffusion)
     vocab = stages.load_model(ckpt, "cpu")[0].vocab
