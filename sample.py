@@ -26,7 +26,6 @@ import csv
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 
 from nodule_diffusion import common, control, pipeline, stages
 from nodule_diffusion.data import DataError

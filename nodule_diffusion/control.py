@@ -73,7 +73,6 @@ def build_generator(ckpt: str, strategy: str, attributes: dict[str, str], lora_d
 
 
 def _eps_function(model, fingerprint, strategy, names, attributes, lora_dir, guidance, compositional, tau, steps):
-    vocab = model.vocab
     if strategy in ("base", "cfg") or not names:
         if strategy not in ("base", "cfg"):
             raise DataError(f"--strategy {strategy} needs --attributes")

@@ -16,10 +16,8 @@ import torch
 from tqdm import tqdm
 
 from nodule_diffusion import common, control, stages
-from nodule_diffusion.data import ImageRecord, Nodule, attribute_indices, load_record, write_annotations, write_coco
-from nodule_diffusion.synthesis import Request, contact_sheet, generate_crops, insert_nodules, random_requests
-
-composed_path = control.composed_path
+from nodule_diffusion.data import ImageRecord, Nodule, attribute_indices, write_annotations, write_coco
+from nodule_diffusion.synthesis import contact_sheet, generate_crops, insert_nodules, random_requests
 
 # Presets: defaults for `--stage all` (explicit flags still win). Budgets: design §7.
 # UNet and loop sizes measured on a 2-core laptop-class CPU (README "Measured"); attention only at 8×8 (level 2)
