@@ -3,7 +3,9 @@
 Nothing here knows about diffusion or detection; every script and module may use it.
 Checkpoints are plain dicts of tensors and primitives so that `torch.load(weights_only=True)` (the default since
 torch 2.6) reads them, and they are written atomically (temp file in the same folder + `os.replace`) so an
-interrupted run never leaves a half-written file behind.
+interrupted run never leaves a half-written file behind. Format 2 adds `content_sha256` (`tensor_digest` of every
+tensor in the file); `load_checkpoint` recomputes it, checks the key schema of the file's kind and refuses NaN/inf
+weights before anything uses the file. Format-1 files (no digest) are still read, with the other checks.
 """
 
 from __future__ import annotations
@@ -13,7 +15,10 @@ import contextlib
 import dataclasses
 import json
 import os
+import hashlib
+import math
 import random
+import re
 import sys
 import types
 import typing
@@ -22,15 +27,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-CHECKPOINT_FORMAT_VERSION = 1
+CHECKPOINT_FORMAT_VERSION = 2  # 2: content_sha256 added (format 1 files are still read)
 
 
 class DataError(ValueError):
     """Any problem caused by input data (file, CSV, config, checkpoint). The message names the file and the problem.
 
     Re-exported as `nodule_diffusion.data.DataError` (its public name); defined here so that every module can
-    raise it without import cycles.
+    raise it without import cycles. The message is kept on one line (scripts print it as `error: …`): line
+    breaks inside it, e.g. from a quoted library error, become spaces.
     """
+
+    def __init__(self, message: str = ""):
+        super().__init__(re.sub(r"\s*[\r\n]+\s*", " ", str(message)).strip())
 
 
 # ----------------------------------------------------------------------------------------------- seeding, devices
@@ -230,16 +239,97 @@ def save_image_png(path: str | Path, image: np.ndarray) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------- checkpoints
+# Keys every diffusion-model checkpoint holds (written by stages.save_model, design §3), checked by load_checkpoint
+# before any use. A schema maps key -> type, tuple of types (None = may be None), set of allowed values, or a
+# nested schema dict (keys not listed are allowed: the writer may add fields).
+MODEL_CHECKPOINT_SCHEMA = {
+    "kind": str, "unet_config": dict, "vocab": dict, "weights": dict, "model": dict, "loop": (dict, None),
+    "rng_state": dict, "train_config": dict, "fingerprint": str,
+    "diffusion_config": {"num_train_timesteps": int, "prediction_type": {"epsilon", "v_prediction", "sample"},
+                         "beta_schedule": {"linear", "scaled_linear", "cosine"}, "mask_weight": (int, float)},
+}
+CHECKPOINT_SCHEMAS = {"base": MODEL_CHECKPOINT_SCHEMA, "cfg": MODEL_CHECKPOINT_SCHEMA}  # by the file's "kind"
+
+
+def _type_name(value) -> str:
+    return "None" if value is None else type(value).__name__
+
+
+def check_schema(where: str, payload: dict, schema: dict) -> None:
+    """Raise DataError "{where}: key 'k' …" for the first key of `schema` that is missing or of the wrong type."""
+    for key, want in schema.items():
+        if key not in payload:
+            raise DataError(f"{where}: key '{key}' is missing")
+        value = payload[key]
+        if isinstance(want, dict):
+            if not isinstance(value, dict):
+                raise DataError(f"{where}: key '{key}' must be a dict, got {_type_name(value)}")
+            check_schema(f"{where}: {key}", value, want)
+        elif isinstance(want, set):
+            if not isinstance(value, str) or value not in want:
+                raise DataError(f"{where}: key '{key}' is {value!r}; expected one of {', '.join(sorted(want))}")
+        else:
+            types_ = tuple(type(None) if t is None else t for t in (want if isinstance(want, tuple) else (want,)))
+            if not isinstance(value, types_) or (isinstance(value, bool) and bool not in types_):
+                expected = " or ".join(_type_name(None) if t is type(None) else t.__name__ for t in types_)
+                raise DataError(f"{where}: key '{key}' must be {expected}, got {_type_name(value)}")
+
+
+def _tensors(tree, prefix: str = ""):
+    """(path, tensor) for every tensor inside nested dicts/lists/tuples; paths join keys with '/'."""
+    if isinstance(tree, torch.Tensor):
+        yield prefix, tree
+    elif isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from _tensors(value, f"{prefix}/{key}" if prefix else str(key))
+    elif isinstance(tree, (list, tuple)):
+        for i, value in enumerate(tree):
+            yield from _tensors(value, f"{prefix}/{i}" if prefix else str(i))
+
+
+def tensor_digest(tree) -> str:
+    """SHA-256 hex digest over the sorted paths, dtypes, shapes and raw bytes of every tensor in `tree`.
+
+    For a flat state dict this is exactly lora.fingerprint_state_dict (the base-model fingerprint).
+    """
+    digest = hashlib.sha256()
+    for key, tensor in sorted(_tensors(tree), key=lambda kv: kv[0]):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())  # uint8 view: works for bf16 too
+    return digest.hexdigest()
+
+
+def check_tensors(where: str, payload: dict) -> None:
+    """Refuse a payload whose stored `content_sha256` differs from the recomputed digest, or with NaN/inf tensors."""
+    stored = payload.get("content_sha256")
+    content = {k: v for k, v in payload.items() if k != "content_sha256"}
+    if stored is not None:
+        computed = tensor_digest(content)
+        if stored != computed:
+            raise DataError(f"{where}: file is corrupted: stored content hash {str(stored)[:16]}… ≠ computed "
+                            f"{computed[:16]}… (re-copy or re-train it)")
+    for key, tensor in _tensors(content):
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise DataError(f"{where}: tensor '{key}' contains NaN or infinite values (diverged or corrupted)")
+
+
 def save_checkpoint(path: str | Path, payload: dict) -> Path:
-    """Atomically save a plain dict (tensors and primitives only) with the format version added."""
+    """Atomically save a plain dict (tensors and primitives only) with the format version and content hash added."""
     payload = {"format_version": CHECKPOINT_FORMAT_VERSION, **payload}
+    payload["content_sha256"] = tensor_digest({k: v for k, v in payload.items() if k != "content_sha256"})
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
     return Path(path)
 
 
-def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
-    """Load a checkpoint with `weights_only=True`; truncated, foreign or missing files raise DataError."""
+def load_checkpoint(path: str | Path, map_location="cpu", schema: dict | None = None) -> dict:
+    """Load and check a checkpoint with `weights_only=True`; every problem is a one-line DataError naming the file.
+
+    Checked before any use: readable (not truncated, foreign or pickled objects); `format_version` an int this code
+    reads; the keys of `schema` (default: CHECKPOINT_SCHEMAS[kind] when the file's kind has one); the stored
+    content hash (format ≥ 2 must have one); every floating tensor finite.
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: checkpoint not found")
@@ -250,9 +340,17 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
                         f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}") from err
     if not isinstance(payload, dict) or "format_version" not in payload:
         raise DataError(f"{path}: not a nodule_diffusion checkpoint (no format_version)")
-    if payload["format_version"] > CHECKPOINT_FORMAT_VERSION:
-        raise DataError(f"{path}: checkpoint format {payload['format_version']} is newer than this code "
+    version = payload["format_version"]
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise DataError(f"{path}: format_version must be a positive int, got {version!r}")
+    if version > CHECKPOINT_FORMAT_VERSION:
+        raise DataError(f"{path}: checkpoint format {version} is newer than this code "
                         f"({CHECKPOINT_FORMAT_VERSION}); update nodule_diffusion")
+    schema = schema if schema is not None else CHECKPOINT_SCHEMAS.get(payload.get("kind"), {})
+    check_schema(str(path), payload, schema)
+    if version >= 2 and not isinstance(payload.get("content_sha256"), str):
+        raise DataError(f"{path}: format {version} checkpoint without a content_sha256 string (edited or corrupted)")
+    check_tensors(str(path), payload)
     return payload
 
 

@@ -5,6 +5,7 @@ Implements
     inject_lora         the only code that swaps modules (suffix rule on module names)
     set_active / merge / unmerge / remove_adapter / adapter_state / adapter_factors / add_factors
     save_adapter / load_adapter / save_merged / fingerprint_state_dict / base_state_dict
+    read_adapter / check_adapter_name   schema + content-hash check of an adapter file; the name it records
     orthogonality_loss  squared Frobenius cosine between the ΔW of adapter pairs, from the factors [OURS Eq. 2]
     orthogonal_bases    disjoint rows of one random orthogonal matrix, frozen A's [OrthoAdapt]
 
@@ -30,7 +31,6 @@ Deviations
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 from dataclasses import dataclass
@@ -40,9 +40,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nodule_diffusion.common import check_schema, check_tensors, tensor_digest
 from nodule_diffusion.data import DataError
 
-ADAPTER_FORMAT_VERSION = 1
+ADAPTER_FORMAT_VERSION = 2  # 2: content_sha256 and the adapter's name recorded (format 1 files are still read)
 
 
 @dataclass
@@ -344,16 +345,13 @@ def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def fingerprint_state_dict(state_dict: dict[str, torch.Tensor]) -> str:
     """SHA-256 hex digest over the sorted names, dtypes, shapes and raw bytes of the tensors (non-tensors ignored)."""
-    digest = hashlib.sha256()
-    for key in sorted(k for k, v in state_dict.items() if isinstance(v, torch.Tensor)):
-        tensor = state_dict[key].detach().cpu().contiguous()
-        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())  # uint8 view: works for bf16 too
-    return digest.hexdigest()
+    return tensor_digest({k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)})
 
 
 def _atomic_save(obj: dict, path: str | os.PathLike) -> None:
+    """torch.save `obj` with its content_sha256 added, through a temp file in the same folder + os.replace."""
     path = Path(path)
+    obj = {**obj, "content_sha256": tensor_digest(obj)}
     tmp = path.with_name(path.name + ".tmp")  # same folder ⇒ os.replace is an atomic rename
     torch.save(obj, tmp)
     os.replace(tmp, path)
@@ -361,7 +359,7 @@ def _atomic_save(obj: dict, path: str | os.PathLike) -> None:
 
 def save_adapter(path: str | os.PathLike, model: nn.Module, name: str, base_fingerprint: str, config: dict,
                  extra: dict[str, torch.Tensor] | None = None) -> None:
-    """Write adapter `name` alone: its tensors, `config` (primitives), `extra` tensors, the base fingerprint.
+    """Write adapter `name` alone: its name, tensors, `config` (primitives), `extra` tensors, the base fingerprint.
 
     The file is a plain dict loadable with torch.load(weights_only=True); per-layer r and α are recorded so that
     `load_adapter` can inject the adapter into a fresh base without any flags.
@@ -370,6 +368,7 @@ def save_adapter(path: str | os.PathLike, model: nn.Module, name: str, base_fing
     payload = {
         "format_version": ADAPTER_FORMAT_VERSION,
         "kind": "nodule_diffusion.lora_adapter",
+        "name": name,
         "base_fingerprint": base_fingerprint,
         "config": dict(config),
         "layers": {n: {"r": int(l.lora_A[name].shape[0]), "alpha": float(l.scaling[name] * l.lora_A[name].shape[0])}
@@ -380,31 +379,86 @@ def save_adapter(path: str | os.PathLike, model: nn.Module, name: str, base_fing
     _atomic_save(payload, path)
 
 
-def _read_adapter_file(path: str | os.PathLike, base_fingerprint: str) -> dict:
+# What every adapter file holds (common.check_schema), checked by read_adapter before any use.
+ADAPTER_SCHEMA = {"base_fingerprint": str, "config": dict, "layers": dict, "tensors": dict, "extra": dict}
+
+
+def read_adapter(path: str | os.PathLike) -> dict:
+    """Read and check an adapter file → its payload; every problem is a one-line DataError naming the file.
+
+    Checked: readable with weights_only=True, kind, format_version, ADAPTER_SCHEMA, each layer's r (int ≥ 1) and
+    alpha (finite number), tensors and extras are tensors, the content hash (format ≥ 2), no NaN/inf values.
+    """
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated zip, not a torch file, pickled objects, missing file...
         raise DataError(f"{path}: cannot read the adapter file ({type(err).__name__}: {err})") from err
     if not isinstance(payload, dict) or payload.get("kind") != "nodule_diffusion.lora_adapter":
         raise DataError(f"{path}: not a nodule_diffusion LoRA adapter file")
-    if payload.get("format_version") != ADAPTER_FORMAT_VERSION:
-        raise DataError(f"{path}: adapter format_version {payload.get('format_version')!r}, "
-                        f"this code reads {ADAPTER_FORMAT_VERSION}")
-    if payload.get("base_fingerprint") != base_fingerprint:
-        raise DataError(f"{path}: adapter was made for another base model (fingerprint "
-                        f"{str(payload.get('base_fingerprint'))[:12]}…, this base {base_fingerprint[:12]}…)")
+    version = payload.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= ADAPTER_FORMAT_VERSION:
+        raise DataError(f"{path}: adapter format_version {version!r}, this code reads 1 .. {ADAPTER_FORMAT_VERSION}")
+    check_schema(str(path), payload, ADAPTER_SCHEMA)
+    for layer_name, spec in payload["layers"].items():
+        r, alpha = (spec.get("r"), spec.get("alpha")) if isinstance(spec, dict) else (None, None)
+        if not (isinstance(r, int) and r >= 1 and isinstance(alpha, (int, float)) and math.isfinite(alpha)):
+            raise DataError(f"{path}: layer {layer_name!r} needs r (int ≥ 1) and alpha (finite number), got {spec!r}")
+    for group in ("tensors", "extra"):
+        bad = [k for k, v in payload[group].items() if not isinstance(v, torch.Tensor)]
+        if bad:
+            raise DataError(f"{path}: {group} entry {bad[0]!r} is not a tensor")
+    if version >= 2 and not isinstance(payload.get("content_sha256"), str):
+        raise DataError(f"{path}: format {version} adapter without a content_sha256 string (edited or corrupted)")
+    check_tensors(str(path), payload)
     return payload
 
 
-def load_adapter(path: str | os.PathLike, model: nn.Module, name: str,
-                 base_fingerprint: str) -> tuple[dict, dict[str, torch.Tensor]]:
+def _read_adapter_file(path: str | os.PathLike, base_fingerprint: str) -> dict:
+    payload = read_adapter(path)
+    if payload["base_fingerprint"] != base_fingerprint:
+        raise DataError(f"{path}: adapter was made for another base model (fingerprint "
+                        f"{payload['base_fingerprint'][:12]}…, this base {base_fingerprint[:12]}…)")
+    return payload
+
+
+def recorded_name(adapter: dict) -> str | None:
+    """The name an adapter file records: its "name" (format 2), else config attribute=value or config "adapter",
+    else the single "token:<name>" extra (format 1 files written by the LoRA stage); None when it records none."""
+    config, extra = adapter.get("config") or {}, adapter.get("extra") or {}
+    if isinstance(adapter.get("name"), str):
+        return adapter["name"]
+    if isinstance(config.get("attribute"), str) and isinstance(config.get("value"), str):
+        return f"{config['attribute']}={config['value']}"
+    if isinstance(config.get("adapter"), str):
+        return config["adapter"]
+    tokens = [k[len("token:"):] for k in extra if str(k).startswith("token:")]
+    return tokens[0] if len(tokens) == 1 else None
+
+
+def check_adapter_name(adapter: dict, expected_name: str, path: str | os.PathLike) -> None:
+    """Refuse an adapter used under another name than the one its file records (e.g. texture=solid.pt renamed
+    margin=smooth.pt): its ΔW and token would draw texture=solid while outputs are labelled margin=smooth.
+
+    `adapter` is the file's payload (`read_adapter`). A file that records no name is accepted.
+    """
+    name = recorded_name(adapter)
+    if name is not None and name != expected_name:
+        raise DataError(f"{path}: this adapter was trained as {name!r} but is being loaded as {expected_name!r} "
+                        f"(was the file renamed?); use it under its own name")
+
+
+def load_adapter(path: str | os.PathLike, model: nn.Module, name: str, base_fingerprint: str,
+                 expected_name: str | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
     """Inject the adapter stored at `path` into `model` as `name` and load it; returns (config, extra).
 
-    Refuses with DataError naming the file when the file is unreadable or of another format, was made for another
-    base (fingerprint differs), names layers the model lacks, or holds tensors of the wrong shape. The model is
-    checked completely before anything is injected, so a refused file leaves it unchanged.
+    Refuses with DataError naming the file when the file is unreadable, malformed or of another format
+    (`read_adapter`), was made for another base (fingerprint differs), records another name than
+    `expected_name` (when given; `check_adapter_name`), names layers the model lacks, or holds tensors of the
+    wrong shape. The model is checked completely before anything is injected, so a refused file leaves it unchanged.
     """
     payload = _read_adapter_file(path, base_fingerprint)
+    if expected_name is not None:
+        check_adapter_name(payload, expected_name, path)
     modules = dict(model.named_modules())
     tensors = payload["tensors"]
     for layer_name, spec in payload["layers"].items():

@@ -60,8 +60,16 @@ class UNetConfig:
     def __post_init__(self):
         self.channel_mult = tuple(self.channel_mult)
         self.attention_levels = tuple(self.attention_levels)
+        for name in ("in_channels", "out_channels", "crop_size", "base_channels", "num_res_blocks", "num_heads",
+                     "context_dim", "norm_groups"):
+            if getattr(self, name) < 1:
+                raise DataError(f"UNetConfig: {name} = {getattr(self, name)} must be ≥ 1")
+        if not 0.0 <= self.dropout < 1.0:
+            raise DataError(f"UNetConfig: dropout = {self.dropout} must be in [0, 1)")
         levels = len(self.channel_mult)
-        if levels == 0 or any(level not in range(levels) for level in self.attention_levels):
+        if levels == 0 or min(self.channel_mult) < 1:
+            raise DataError(f"UNetConfig: channel_mult {self.channel_mult} must be one or more integers ≥ 1")
+        if any(level not in range(levels) for level in self.attention_levels):
             raise DataError(f"UNetConfig: attention_levels {self.attention_levels} must index channel_mult "
                             f"{self.channel_mult} (0 .. {levels - 1})")
         if self.crop_size % 2 ** (levels - 1):
@@ -77,13 +85,30 @@ class UNetConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict) -> UNetConfig:
-        """Inverse of to_dict; lists (from JSON) become tuples; unknown keys raise DataError."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
+    def from_dict(cls, values: dict, source: str | None = None) -> UNetConfig:
+        """Inverse of to_dict; lists (from JSON) become tuples. A value that is not a dict, an unknown field, a value
+        of the wrong type or an inconsistent architecture raises a DataError that starts with `source` (pass the
+        checkpoint's path so that the message names the file)."""
+        where = source or "UNetConfig"
+        if not isinstance(values, dict):
+            raise DataError(f"{where}: unet_config must be a dict of UNetConfig fields, got {type(values).__name__}")
+        known = {f.name: f.type for f in fields(cls)}  # annotations are strings (from __future__ import annotations)
+        unknown = sorted(set(values) - set(known))
         if unknown:
-            raise DataError(f"UNetConfig: unknown field(s) {unknown}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+            raise DataError(f"{where}: unknown UNetConfig field(s) {unknown}; known: {', '.join(known)}")
+        checks = {"int": lambda v: isinstance(v, int) and not isinstance(v, bool), "bool": lambda v: isinstance(v, bool),
+                  "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+                  "tuple[int, ...]": lambda v: isinstance(v, (list, tuple)) and all(
+                      isinstance(x, int) and not isinstance(x, bool) for x in v)}
+        for name, value in values.items():
+            if not checks[known[name]](value):
+                raise DataError(f"{where}: UNetConfig field '{name}' must be {known[name]}, got {value!r}")
+        try:
+            return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+        except DataError as err:
+            if source is None:
+                raise
+            raise DataError(f"{source}: {err}") from None
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
