@@ -4,6 +4,17 @@ Conventions (design §3): images are float32 (H, W) in [0, 1] with dense = brigh
 absolute pixels, (0, 4) when empty; masks are bool (H, W). A nodule's attributes are a dict attribute -> value;
 a missing key means "unknown" (index -1 in tensors).
 Medical formats (DICOM, MetaImage, JSRT raw) are read by `formats.py`; `read_image` dispatches to it by content.
+
+Physical ranges (issue 11): what a chest radiograph allows; anything outside is a DataError naming the file.
+    SPACING_RANGE_MM  [0.05, 5] mm/pixel. The finest clinical X-ray detectors (mammography) have 0.05 mm pixels;
+                      CXR detectors 0.1–0.2 mm (JSRT 0.175), and a 43 cm chest still spans 86 pixels at 5 mm.
+    MAX_DIAMETER_MM   100 mm. A nodule is ≤ 30 mm and a mass above that [Fleischner glossary, Hansell 2008];
+                      100 mm leaves room for large masses, not for a typo like 5,950.
+    MIN_IMAGE_SIDE    16 pixels (also after resampling to the working spacing): the smallest model crop in use;
+                      a smaller image is mostly padding in every crop (a 1×1 image is a constant crop).
+    MAX_IMAGE_SIDE, MAX_IMAGE_PIXELS  16384 and 2^26 (8192²). The largest flat-panel CXR detectors are
+                      43 cm at 0.1 mm ≈ 4300² = 18.5 M pixels; a bigger header is a decompression bomb or an
+                      error, and is refused from its header, before any full-size array is allocated.
 """
 
 from __future__ import annotations
@@ -11,6 +22,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +32,9 @@ from PIL import Image
 
 from nodule_diffusion.common import DataError, atomic_path
 
-__all__ = ["DataError", "DEFAULT_VOCAB", "Nodule", "ImageRecord", "read_image", "read_spacing",
+__all__ = ["DataError", "DEFAULT_VOCAB", "SPACING_RANGE_MM", "MAX_DIAMETER_MM", "MIN_IMAGE_SIDE", "MAX_IMAGE_SIDE",
+           "MAX_IMAGE_PIXELS", "check_spacing", "check_diameter", "check_image_size", "image_size", "read_mask",
+           "check_request", "Nodule", "ImageRecord", "read_image", "read_spacing",
            "read_annotations", "write_annotations", "read_coco", "write_coco", "nodule_mask", "load_record",
            "crop_at", "NoduleCrops", "attribute_indices"]
 
@@ -31,6 +45,41 @@ DEFAULT_VOCAB: dict[str, list[str]] = {
     "margin": ["smooth", "lobulated", "spiculated"],
     "calcification": ["none", "calcified"],
 }
+
+SPACING_RANGE_MM = (0.05, 5.0)  # mm per pixel (module docstring)
+MAX_DIAMETER_MM = 100.0
+MIN_IMAGE_SIDE = 16
+MAX_IMAGE_SIDE = 16384
+MAX_IMAGE_PIXELS = 2 ** 26
+SPACING_HOW = "give it in the annotation CSV column spacing_mm (mm per pixel)"
+
+
+def check_spacing(value, where: str, how: str = SPACING_HOW) -> float:
+    """`value` as a float in SPACING_RANGE_MM (mm/pixel), else DataError "{where}: …; {how}"."""
+    lo, hi = SPACING_RANGE_MM
+    number = value if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+    if not (lo <= number <= hi):  # NaN fails every comparison
+        raise DataError(f"{where}: pixel spacing {value!r} mm is outside the physical range [{lo}, {hi}] mm/pixel; "
+                        f"{how}")
+    return float(number)
+
+
+def check_diameter(value, where: str) -> float:
+    """A nodule diameter in mm: finite, > 0 and ≤ MAX_DIAMETER_MM, else DataError."""
+    number = value if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+    if not (0 < number <= MAX_DIAMETER_MM):
+        raise DataError(f"{where}: diameter_mm {value!r} must be > 0 and ≤ {MAX_DIAMETER_MM:g} mm")
+    return float(number)
+
+
+def check_image_size(height: int, width: int, where, min_side: int = MIN_IMAGE_SIDE) -> tuple[int, int]:
+    """(H, W) inside [min_side, MAX_IMAGE_SIDE] per side and ≤ MAX_IMAGE_PIXELS in all, else DataError."""
+    if min(height, width) < min_side:
+        raise DataError(f"{where}: image is {width}x{height} pixels; need at least {min_side} per side")
+    if max(height, width) > MAX_IMAGE_SIDE or height * width > MAX_IMAGE_PIXELS:
+        raise DataError(f"{where}: image is {width}x{height} pixels; the limit is {MAX_IMAGE_SIDE} per side and "
+                        f"{MAX_IMAGE_PIXELS} pixels in all (a bigger header is corrupt or a decompression bomb)")
+    return height, width
 
 
 @dataclass
@@ -76,9 +125,29 @@ def read_image(path: str | Path, frame: int | None = None) -> np.ndarray:
     return _read_pil(path)
 
 
+def _open_pil(path: Path):
+    """PIL.Image.open with its size checked from the header (nothing decoded yet); DataError when unreadable.
+
+    PIL's own decompression-bomb check raises DecompressionBombError (not an OSError) above 2·MAX_IMAGE_PIXELS of
+    its own and warns above; ours (MAX_IMAGE_PIXELS) is stricter, so the warning is silenced and the error caught.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            pil = Image.open(path)
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise DataError(f"{path}: unreadable image ({err})") from err
+    try:
+        check_image_size(pil.size[1], pil.size[0], path, min_side=1)
+    except DataError:
+        pil.close()
+        raise
+    return pil
+
+
 def _read_pil(path: Path) -> np.ndarray:
     try:
-        with Image.open(path) as pil:
+        with _open_pil(path) as pil:
             pil.load()
             mode = pil.mode
             if mode in ("RGB", "RGBA", "P", "LA", "CMYK", "YCbCr", "1"):
@@ -86,6 +155,8 @@ def _read_pil(path: Path) -> np.ndarray:
                 mode = "L"
             arr = np.asarray(pil)
     except (OSError, ValueError, Image.DecompressionBombError) as err:
+        if isinstance(err, DataError):
+            raise
         raise DataError(f"{path}: unreadable image ({err})") from err
     if arr.ndim != 2:
         raise DataError(f"{path}: expected a 2-D grayscale or colour image, got shape {arr.shape}")
@@ -113,14 +184,18 @@ def read_spacing(path: str | Path) -> float | None:
 
 
 def image_size(path: Path, frame: int | None = None) -> tuple[int, int]:
-    """(H, W) of an image, from the header where PIL can, else by reading it."""
-    if path.suffix.lower() in (".png", ".jpg", ".jpeg", ".tif", ".tiff"):
-        try:
-            with Image.open(path) as pil:
-                return pil.size[1], pil.size[0]
-        except OSError as err:
-            raise DataError(f"{path}: unreadable image ({err})") from err
-    return read_image(path, frame).shape
+    """(H, W) of an image from its header where the format has one (PNG/JPEG/TIFF, DICOM, MetaImage, JSRT), else
+    by reading it; DataError when it is outside check_image_size's limits."""
+    from nodule_diffusion import formats
+
+    path = Path(path)
+    size_hw = formats.read_header(path)[0]
+    if size_hw is None and path.suffix.lower() in (".png", ".jpg", ".jpeg", ".tif", ".tiff"):
+        with _open_pil(path) as pil:
+            size_hw = pil.size[1], pil.size[0]
+    if size_hw is None:
+        size_hw = read_image(path, frame).shape
+    return check_image_size(*size_hw, path)
 
 
 # ----------------------------------------------------------------------------------------------- annotation CSV
@@ -153,12 +228,16 @@ def _parse_attributes(row: dict, vocab: dict[str, list[str]], where: str) -> dic
 
 
 def read_annotations(csv_path: str | Path, vocab: dict[str, list[str]] = DEFAULT_VOCAB,
-                     check_images: bool = True) -> list[ImageRecord]:
+                     check_images: bool = True, require_spacing: bool = False) -> list[ImageRecord]:
     """Read the project's annotation CSV (design §3) into ImageRecords, validating every row.
 
     One row per nodule; a negative image has one row with empty box fields. Paths are relative to the CSV's folder.
-    Raises DataError naming the file and row for: missing columns, non-numeric or NaN coordinates, x1 <= x0 or
-    y1 <= y0, boxes outside the image, unknown attribute values, and images (or masks) that do not exist.
+    An empty spacing_mm column takes the spacing from the image header (DICOM PixelSpacing / ImagerPixelSpacing,
+    MetaImage ElementSpacing, JSRT); `require_spacing` refuses an image that has none in either place.
+    Raises a one-line DataError naming the file and row for: no rows, missing columns, non-numeric or NaN
+    numbers, x1 <= x0 or y1 <= y0, boxes outside the image, spacing or diameter outside the physical ranges
+    (module docstring), a diameter too big for its (clipped?) box, unknown attribute values, images outside the
+    size limits, masks of another size, and images (or masks) that do not exist.
     """
     csv_path = Path(csv_path)
     root = csv_path.parent
@@ -172,6 +251,9 @@ def read_annotations(csv_path: str | Path, vocab: dict[str, list[str]] = DEFAULT
     missing = [c for c in ["image", *_BOX_COLUMNS] if c not in header]
     if missing:
         raise DataError(f"{csv_path}: missing column(s) {', '.join(missing)}; header is {','.join(header)}")
+    if not rows:
+        raise DataError(f"{csv_path}: no rows after the header; write one row per nodule (a negative image: one "
+                        f"row with empty box fields)")
     extra_columns = [c for c in header if c not in _KNOWN_COLUMNS and c not in vocab]
     records: dict[tuple[str, int | None], ImageRecord] = {}
     sizes: dict[tuple[str, int | None], tuple[int, int]] = {}
@@ -181,14 +263,26 @@ def read_annotations(csv_path: str | Path, vocab: dict[str, list[str]] = DEFAULT
         if not name:
             raise DataError(f"{where}: empty 'image' column")
         frame_value = _float_or_none(row.get("frame", ""), where, "frame")
+        if frame_value is not None and (frame_value < 0 or frame_value != int(frame_value)):
+            raise DataError(f"{where}: frame {frame_value:g} must be a slice index 0, 1, 2, …")
         frame = None if frame_value is None else int(frame_value)
         key = (name, frame)
+        spacing = _float_or_none(row.get("spacing_mm", ""), where, "spacing_mm")
+        spacing = None if spacing is None else check_spacing(spacing, where, "fix the CSV column spacing_mm")
         if key not in records:
             image = (root / name).resolve()
-            if check_images and not image.is_file():
-                raise DataError(f"{where}: image {name!r} not found (looked for {image})")
-            spacing = _float_or_none(row.get("spacing_mm", ""), where, "spacing_mm")
+            if check_images:
+                if not image.is_file():
+                    raise DataError(f"{where}: image {name!r} not found (looked for {image})")
+                sizes[key] = image_size(image, frame)
+                if spacing is None and (header_spacing := read_spacing(image)) is not None:
+                    spacing = check_spacing(header_spacing, f"{where}: image {name!r} header")
             records[key] = ImageRecord(image=image, spacing_mm=spacing, frame=frame)
+        elif spacing is not None and records[key].spacing_mm is None:
+            records[key].spacing_mm = spacing
+        elif spacing is not None and records[key].spacing_mm != spacing:
+            raise DataError(f"{where}: spacing_mm {spacing:g} differs from {records[key].spacing_mm} given for the "
+                            f"same image {name!r} before")
         coords = [_float_or_none(row.get(c, ""), where, c) for c in _BOX_COLUMNS]
         if all(c is None for c in coords):
             continue  # a negative image (or a row that only names the image)
@@ -198,20 +292,44 @@ def read_annotations(csv_path: str | Path, vocab: dict[str, list[str]] = DEFAULT
         if x1 <= x0 or y1 <= y0:
             raise DataError(f"{where}: degenerate box ({x0}, {y0}, {x1}, {y1}): need x1 > x0 and y1 > y0")
         if check_images:
-            if key not in sizes:
-                sizes[key] = image_size(records[key].image, frame)
             h, w = sizes[key]
             if x0 < 0 or y0 < 0 or x1 > w or y1 > h:
                 raise DataError(f"{where}: box ({x0}, {y0}, {x1}, {y1}) lies outside the {w}x{h} image {name!r}")
+        diameter = _float_or_none(row.get("diameter_mm", ""), where, "diameter_mm")
+        if diameter is not None:
+            check_diameter(diameter, where)
+            _check_box_fits_diameter((x0, y0, x1, y1), diameter, records[key].spacing_mm, where)
         mask = (row.get("mask") or "").strip()
         mask_path = (root / mask).resolve() if mask else None
-        if check_images and mask_path is not None and not mask_path.is_file():
-            raise DataError(f"{where}: mask {mask!r} not found")
+        if check_images and mask_path is not None:
+            if not mask_path.is_file():
+                raise DataError(f"{where}: mask {mask!r} not found")
+            if image_size(mask_path) != sizes[key]:
+                raise DataError(f"{where}: mask {mask!r} is {image_size(mask_path)[::-1]} pixels but its image "
+                                f"{name!r} is {sizes[key][::-1]}")
         records[key].nodules.append(Nodule(
             box=(x0, y0, x1, y1), attributes=_parse_attributes(row, vocab, where), mask=mask_path,
-            diameter_mm=_float_or_none(row.get("diameter_mm", ""), where, "diameter_mm"),
-            extra={c: row[c] for c in extra_columns if row.get(c) not in (None, "")}))
+            diameter_mm=diameter, extra={c: row[c] for c in extra_columns if row.get(c) not in (None, "")}))
+    if require_spacing:
+        for (name, _), record in records.items():
+            if record.spacing_mm is None:
+                raise DataError(f"{csv_path}: image {name!r} has no pixel spacing (empty spacing_mm column, none "
+                                f"usable in its header); {SPACING_HOW}")
     return list(records.values())
+
+
+def _check_box_fits_diameter(box, diameter_mm: float, spacing_mm: float | None, where: str) -> None:
+    """Refuse a diameter much larger than its box: the box was clipped (nodule at the image edge) or mislabelled.
+
+    The tolerance (1.5 × the longer box side + 2 px) leaves room for oval and lobulated bodies and rounding.
+    """
+    if spacing_mm is None:
+        return
+    side = max(box[2] - box[0], box[3] - box[1])
+    diameter_px = diameter_mm / spacing_mm
+    if diameter_px > 1.5 * side + 2:
+        raise DataError(f"{where}: diameter_mm {diameter_mm:g} is {diameter_px:.0f} px at {spacing_mm:g} mm/px but "
+                        f"its box is only {side:.0f} px across (clipped at the image edge, or wrong spacing?)")
 
 
 def _relative(path: Path | None, root: Path) -> str:
@@ -291,7 +409,10 @@ def read_coco(json_path: str | Path, vocab: dict[str, list[str]] = DEFAULT_VOCAB
         path = (json_path.parent / img["file_name"]).resolve()
         if not path.is_file():
             raise DataError(f"{json_path}: image {img['file_name']!r} (id {image_id}) not found")
-        records[image_id] = ImageRecord(image=path, spacing_mm=img.get("spacing_mm"))
+        spacing = img.get("spacing_mm")
+        spacing = None if spacing is None else check_spacing(spacing, f"{json_path} image id {image_id}",
+                                                             "fix the image's spacing_mm field")
+        records[image_id] = ImageRecord(image=path, spacing_mm=spacing)
     for ann in annotations:
         where = f"{json_path} annotation id {ann.get('id')}"
         img = images.get(ann.get("image_id"))
@@ -307,29 +428,72 @@ def read_coco(json_path: str | Path, vocab: dict[str, list[str]] = DEFAULT_VOCAB
             raise DataError(f"{where}: bbox {ann['bbox']} lies outside the "
                             f"{img.get('width')}x{img.get('height')} image")
         attrs = _parse_attributes(ann.get("attributes") or {}, vocab, where)
+        diameter = ann.get("diameter_mm")
+        if diameter is not None:
+            check_diameter(diameter, where)
+            _check_box_fits_diameter((x, y, x + w, y + h), diameter, records[ann["image_id"]].spacing_mm, where)
         extra = ann.get("extra") or {}
         if not isinstance(extra, dict):
             raise DataError(f"{where}: 'extra' must be an object of column -> value, got {extra!r}")
         mask = ann.get("mask")
         records[ann["image_id"]].nodules.append(Nodule(
-            box=(x, y, x + w, y + h), attributes=attrs, diameter_mm=ann.get("diameter_mm"),
+            box=(x, y, x + w, y + h), attributes=attrs, diameter_mm=diameter,
             mask=(json_path.parent / mask).resolve() if mask else None,
             extra={str(k): str(v) for k, v in extra.items()}))
     return list(records.values())
 
 
 # ----------------------------------------------------------------------------------------------- masks, resampling
+def read_mask(path: Path, shape: tuple[int, int]) -> np.ndarray:
+    """A nodule or request mask file as bool (H, W) (> 0 = nodule); DataError when it has another size than its
+    image (`shape`) or marks no pixel."""
+    mask = read_image(path) > 0
+    if mask.shape != tuple(shape):
+        raise DataError(f"{path}: mask is {mask.shape[1]}x{mask.shape[0]} pixels but its image is "
+                        f"{shape[1]}x{shape[0]}")
+    if not mask.any():
+        raise DataError(f"{path}: mask is empty (no pixel > 0); draw the nodule, or give a box/diameter instead")
+    return mask
+
+
 def nodule_mask(nodule: Nodule, shape: tuple[int, int]) -> np.ndarray:
     """Bool (H, W) mask: the mask file when there is one (> 0 = nodule), else the ellipse inscribed in the box."""
     if nodule.mask is not None:
-        mask = read_image(nodule.mask) > 0
-        if mask.shape != tuple(shape):
-            raise DataError(f"{nodule.mask}: mask is {mask.shape[::-1]} but its image is {tuple(shape)[::-1]}")
-        return mask
+        return read_mask(nodule.mask, shape)
     x0, y0, x1, y1 = nodule.box
-    ys, xs = np.mgrid[0:shape[0], 0:shape[1]] + 0.5  # pixel centres
+    mask = np.zeros(shape, dtype=bool)
+    # Only the box's window is evaluated: a full-image grid per nodule costs gigabytes on a large radiograph.
+    top, left = max(int(math.floor(y0)), 0), max(int(math.floor(x0)), 0)
+    bottom, right = min(int(math.ceil(y1)), shape[0]), min(int(math.ceil(x1)), shape[1])
+    ys, xs = np.mgrid[top:bottom, left:right] + 0.5  # pixel centres
     cx, cy, rx, ry = (x0 + x1) / 2, (y0 + y1) / 2, max((x1 - x0) / 2, 0.5), max((y1 - y0) / 2, 0.5)
-    return ((xs - cx) / rx) ** 2 + ((ys - cy) / ry) ** 2 <= 1.0
+    mask[top:bottom, left:right] = ((xs - cx) / rx) ** 2 + ((ys - cy) / ry) ** 2 <= 1.0
+    return mask
+
+
+def check_request(where: str, cx, cy, diameter_mm, mask: np.ndarray | None, image_hw: tuple[int, int],
+                  spacing_mm: float | None) -> None:
+    """Validate one nodule request of sample.py (a row of the requests CSV) against its image; DataError naming
+    `where` for: a centre that is not finite or lies outside the image, a diameter outside (0, MAX_DIAMETER_MM], a
+    nodule that the image edge would clip (its label would describe a nodule that is not all there), or a mask of
+    another size than the image or with no pixel set."""
+    h, w = image_hw
+    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in (cx, cy)) or not (
+            0 <= cx < w and 0 <= cy < h):
+        raise DataError(f"{where}: centre ({cx}, {cy}) must be finite and inside the {w}x{h} image")
+    if mask is not None:
+        if tuple(mask.shape) != (h, w):
+            raise DataError(f"{where}: request mask is {mask.shape[-1]}x{mask.shape[0]} pixels but the image is "
+                            f"{w}x{h}")
+        if not mask.any():
+            raise DataError(f"{where}: request mask is empty (no pixel > 0)")
+    if diameter_mm is None:
+        return
+    check_diameter(diameter_mm, where)
+    radius_px = diameter_mm / (spacing_mm or 1.0) / 2
+    if cx - radius_px < 0 or cy - radius_px < 0 or cx + radius_px > w or cy + radius_px > h:
+        raise DataError(f"{where}: a {diameter_mm:g} mm nodule ({2 * radius_px:.0f} px) at ({cx:g}, {cy:g}) would be "
+                        f"clipped by the {w}x{h} image edge; move it inward or make it smaller")
 
 
 def _resize(arr: np.ndarray, size_hw: tuple[int, int], resample) -> np.ndarray:
@@ -343,14 +507,18 @@ def load_record(record: ImageRecord, spacing_mm: float | None) -> tuple[np.ndarr
     Returns (image float32 (H', W') in [0, 1], boxes (N, 4) float32 xyxy in the new pixels, masks list of bool
     (H', W')), so that a nodule's size in mm means the same across datasets.
     """
+    if spacing_mm is not None:
+        check_spacing(spacing_mm, "working resolution", "choose --spacing_mm inside it")
     image = read_image(record.image, record.frame)
+    check_image_size(*image.shape, record.image)
     masks = [nodule_mask(n, image.shape) for n in record.nodules]
     boxes = record.boxes()
     if spacing_mm is None or record.spacing_mm is None or abs(record.spacing_mm - spacing_mm) < 1e-6:
         return image, boxes, masks
-    scale = record.spacing_mm / spacing_mm  # new pixels per old pixel
+    scale = check_spacing(record.spacing_mm, record.image) / spacing_mm  # new pixels per old pixel
     old_h, old_w = image.shape
     new_h, new_w = max(1, round(old_h * scale)), max(1, round(old_w * scale))
+    check_image_size(new_h, new_w, f"{record.image} resampled from {record.spacing_mm:g} to {spacing_mm:g} mm/px")
     image = np.clip(_resize(image, (new_h, new_w), Image.BOX if scale < 1 else Image.BILINEAR), 0.0, 1.0)
     masks = [_resize(m.astype(np.float32), (new_h, new_w), Image.BILINEAR) >= 0.5 for m in masks]
     sx, sy = new_w / old_w, new_h / old_h

@@ -34,10 +34,8 @@ import re
 import warnings
 from pathlib import Path
 
-from PIL import Image
-
 from .common import DataError
-from .data import ImageRecord, Nodule, read_annotations, read_coco
+from .data import ImageRecord, Nodule, check_image_size, check_spacing, image_size, read_annotations, read_coco
 from .formats import JSRT_SIZE, JSRT_SPACING_MM, read_header
 
 # ---------------------------------------- Shared helpers
@@ -90,15 +88,13 @@ def _check_box(box, size_hw, where: str) -> tuple[float, float, float, float]:
 
 
 def _header(path: Path) -> tuple[tuple[int, int] | None, float | None]:
-    """((H, W), spacing_mm) from the header: formats.read_header, with PIL for the size of PNG/JPEG/TIFF."""
+    """((H, W), spacing_mm) from the header (formats.read_header; PIL for the size of PNG/JPEG/TIFF), both checked:
+    size within data.check_image_size's limits, spacing (when present) within data.SPACING_RANGE_MM."""
     size_hw, spacing = read_header(path)
-    if size_hw is not None:
-        return size_hw, spacing
-    try:
-        with Image.open(path) as pil:
-            return (pil.size[1], pil.size[0]), None
-    except (OSError, ValueError) as err:  # PIL.UnidentifiedImageError is an OSError
-        raise DataError(f"{path}: unreadable image ({err})") from err
+    size_hw = image_size(path) if size_hw is None else check_image_size(*size_hw, path)
+    if spacing is not None:
+        spacing = check_spacing(spacing, f"{path} header", "fix the pixel spacing in the file's header")
+    return size_hw, spacing
 
 
 def _find_image(root: Path, name: str, folders: tuple[str, ...], suffixes: tuple[str, ...] = ("",)) -> Path | None:
@@ -276,8 +272,9 @@ def load_nih(root, classes=("Nodule",), data_entry: bool = True,
         where = f"{root / 'Data_Entry_2017.csv'} row {line}"
         if len(row) < 10:
             raise DataError(f"{where}: expected at least 10 columns, got {len(row)}")
-        spacing[row[0]] = _number(row[9], where, "OriginalImagePixelSpacing[x") * _number(
-            row[7], where, "OriginalImage[Width") / NIH_PNG_WIDTH
+        spacing[row[0]] = check_spacing(_number(row[9], where, "OriginalImagePixelSpacing[x") * _number(
+            row[7], where, "OriginalImage[Width") / NIH_PNG_WIDTH, where, "fix OriginalImagePixelSpacing[x / "
+            "OriginalImage[Width")
     records: dict[str, ImageRecord] = {}
     sizes: dict[str, tuple[int, int] | None] = {}
     for line, row in enumerate(_read_csv_rows(bbox_path)[1:], start=2):
@@ -399,8 +396,9 @@ def load_vindr(root, classes=("Nodule/Mass",), merge: str = "union") -> list[Ima
 
 
 def load_csv(path, vocab) -> list[ImageRecord]:
-    """The project's annotation CSV (design §3) → `data.read_annotations`."""
-    return read_annotations(path, vocab)
+    """The project's annotation CSV (design §3) → `data.read_annotations`; every image needs a pixel spacing (CSV
+    column spacing_mm, else its header), since sizes in mm and the resampling to --spacing_mm depend on it."""
+    return read_annotations(path, vocab, require_spacing=True)
 
 
 def load_coco(path, vocab) -> list[ImageRecord]:

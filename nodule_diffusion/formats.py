@@ -38,6 +38,9 @@ from pathlib import Path
 import numpy as np
 
 from .common import DataError, atomic_path  # DataError is public as nodule_diffusion.data.DataError
+from .data import check_image_size  # size limits (data.py docstring), checked from headers before decoding
+
+MAX_VOLUME_ELEMENTS = 2 ** 28  # a MetaImage stack of 512×512×1024; more is refused from its header
 
 # ---------------------------------------- Sniffing
 
@@ -146,6 +149,7 @@ def _dicom_stored_values(path, ds) -> np.ndarray:
     frames = ds.get("NumberOfFrames") or 1
     if int(frames) > 1:
         raise DataError(f"{path}: multi-frame DICOM ({int(frames)} frames); save the frame you want on its own")
+    check_image_size(int(ds.get("Rows") or 0), int(ds.get("Columns") or 0), path, min_side=1)
     photometric = str(ds.get("PhotometricInterpretation", "")).strip()
     if not photometric:
         raise DataError(f"{path}: PhotometricInterpretation is missing, so polarity is unknown")
@@ -321,6 +325,9 @@ def _parse_metaimage_header(path: Path, header: dict[str, str]) -> tuple[tuple[i
     ndims = _header_ints(path, header, "NDims", [len(dims)])[0]
     if len(dims) != ndims or ndims not in (2, 3) or min(dims) < 1:
         raise DataError(f"{path}: MetaImage NDims {ndims} / DimSize {dims}: need 2 or 3 positive sizes")
+    check_image_size(dims[1], dims[0], path, min_side=1)  # one slice: DimSize is x, y[, z]
+    if int(np.prod(dims, dtype=np.int64)) > MAX_VOLUME_ELEMENTS:
+        raise DataError(f"{path}: MetaImage DimSize {dims} holds more than {MAX_VOLUME_ELEMENTS} elements")
     if _header_ints(path, header, "ElementNumberOfChannels", [1])[0] != 1:
         raise DataError(f"{path}: MetaImage with ElementNumberOfChannels > 1 (colour/vector) is not supported")
     if header.get("binarydata", "True").lower() != "true":
@@ -335,7 +342,7 @@ def _parse_metaimage_header(path: Path, header: dict[str, str]) -> tuple[tuple[i
         spacing = tuple(float(v) for v in header.get("elementspacing", "").split()) or None
     except ValueError:
         raise DataError(f"{path}: MetaImage ElementSpacing {header['elementspacing']!r} is not numeric") from None
-    if spacing is not None and (len(spacing) != ndims or min(spacing) <= 0):
+    if spacing is not None and (len(spacing) != ndims or not all(np.isfinite(spacing)) or min(spacing) <= 0):
         raise DataError(f"{path}: MetaImage ElementSpacing {spacing} does not give {ndims} positive values")
     meta = {
         "spacing": spacing,  # (x, y[, z]) in mm, MetaIO order
@@ -369,7 +376,9 @@ def _read_metaimage_bytes(path: Path, header: dict[str, str], offset: int, nbyte
             n_compressed = _header_ints(path, header, "CompressedDataSize", [-1])[0]
             buf = f.read() if n_compressed < 0 else f.read(n_compressed)
             try:
-                buf = zlib.decompress(buf, 47)  # 47 = 32 + 15: zlib or gzip wrapper [MetaIO metaUtils.cxx]
+                # 47 = 32 + 15: zlib or gzip wrapper [MetaIO metaUtils.cxx]; inflating stops one byte past the
+                # expected size, so a zlib bomb cannot fill the memory (the length check below reports it).
+                buf = zlib.decompressobj(47).decompress(buf, nbytes + 1)
             except zlib.error as err:
                 raise DataError(f"{path}: corrupt zlib CompressedData in {data_path.name} ({err})") from None
         else:
