@@ -135,7 +135,10 @@ def _open_pil(path: Path):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             pil = Image.open(path)
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
+    except Image.DecompressionBombError as err:
+        raise DataError(f"{path}: image header claims more than {MAX_IMAGE_PIXELS} pixels, the limit (corrupt, or a "
+                        f"decompression bomb; PIL: {err})") from None
+    except (OSError, ValueError) as err:
         raise DataError(f"{path}: unreadable image ({err})") from err
     try:
         check_image_size(pil.size[1], pil.size[0], path, min_side=1)
@@ -274,8 +277,8 @@ def read_annotations(csv_path: str | Path, vocab: dict[str, list[str]] = DEFAULT
             if check_images:
                 if not image.is_file():
                     raise DataError(f"{where}: image {name!r} not found (looked for {image})")
-                sizes[key] = image_size(image, frame)
-                if spacing is None and (header_spacing := read_spacing(image)) is not None:
+                sizes[key] = _in_row(where, image_size, image, frame)
+                if spacing is None and (header_spacing := _in_row(where, read_spacing, image)) is not None:
                     spacing = check_spacing(header_spacing, f"{where}: image {name!r} header")
             records[key] = ImageRecord(image=image, spacing_mm=spacing, frame=frame)
         elif spacing is not None and records[key].spacing_mm is None:
@@ -304,9 +307,9 @@ def read_annotations(csv_path: str | Path, vocab: dict[str, list[str]] = DEFAULT
         if check_images and mask_path is not None:
             if not mask_path.is_file():
                 raise DataError(f"{where}: mask {mask!r} not found")
-            if image_size(mask_path) != sizes[key]:
-                raise DataError(f"{where}: mask {mask!r} is {image_size(mask_path)[::-1]} pixels but its image "
-                                f"{name!r} is {sizes[key][::-1]}")
+            if (mask_hw := _in_row(where, image_size, mask_path)) != sizes[key]:
+                raise DataError(f"{where}: mask {mask!r} is {mask_hw[1]}x{mask_hw[0]} pixels but its image "
+                                f"{name!r} is {sizes[key][1]}x{sizes[key][0]}")
         records[key].nodules.append(Nodule(
             box=(x0, y0, x1, y1), attributes=_parse_attributes(row, vocab, where), mask=mask_path,
             diameter_mm=diameter, extra={c: row[c] for c in extra_columns if row.get(c) not in (None, "")}))
@@ -316,6 +319,14 @@ def read_annotations(csv_path: str | Path, vocab: dict[str, list[str]] = DEFAULT
                 raise DataError(f"{csv_path}: image {name!r} has no pixel spacing (empty spacing_mm column, none "
                                 f"usable in its header); {SPACING_HOW}")
     return list(records.values())
+
+
+def _in_row(where: str, read, *args):
+    """read(*args), with a DataError about the file (unreadable, too small, …) prefixed by the CSV row naming it."""
+    try:
+        return read(*args)
+    except DataError as err:
+        raise DataError(f"{where}: {err}") from None
 
 
 def _check_box_fits_diameter(box, diameter_mm: float, spacing_mm: float | None, where: str) -> None:
