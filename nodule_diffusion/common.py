@@ -170,6 +170,47 @@ def config_from_args(cls, args: argparse.Namespace, file_config: dict | None = N
         raise DataError(f"configuration {cls.__name__}: {err}") from err
 
 
+def check_ranges(config, ranges: dict | None = None) -> None:
+    """Refuse a config value outside its allowed range, as one line naming the flag ("--batch_size 0: …").
+
+    The rule of field `name` is `ranges[name]`, else the field's metadata["range"], e.g.
+    `batch_size: int = field(default=8, metadata={"range": (1, None)})`. A rule is (lo, hi) with None for
+    unbounded (numbers must also be finite), or a set of allowed values. Tuple fields are checked element
+    by element; None values (an unset optional field) are skipped.
+    """
+    for f in dataclasses.fields(config):
+        rule = (ranges or {}).get(f.name, f.metadata.get("range"))
+        value = getattr(config, f.name)
+        if rule is None or value is None:
+            continue
+        for item in value if isinstance(value, tuple) else (value,):
+            if isinstance(rule, (set, frozenset)):
+                if item not in rule:
+                    raise DataError(f"--{f.name} {item!r}: choose one of {', '.join(sorted(rule))}")
+                continue
+            lo, hi = rule
+            number = item if isinstance(item, (int, float)) and not isinstance(item, bool) else math.nan
+            if not math.isfinite(number) or (lo is not None and number < lo) or (hi is not None and number > hi):
+                bounds = " and ".join(b for b in (lo is not None and f"≥ {lo}", hi is not None and f"≤ {hi}") if b)
+                raise DataError(f"--{f.name} {item!r}: must be a finite number{' ' + bounds if bounds else ''}")
+
+
+def check_writable_dir(path: str | Path, flag: str = "--out_dir") -> Path:
+    """Create `path` if needed and prove it writable before any work starts; DataError naming the flag otherwise
+    (a file in the way, no permission, read-only disk): a run must not find out after hours of training."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise DataError(f"{flag} {path}: exists and is not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write_test.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise DataError(f"{flag} {path}: cannot write there ({err.strerror or err})") from None
+    return path
+
+
 def read_config_file(path: str | None) -> dict:
     """Read a `--config run.json` file (a flat dict of field -> value); DataError when unreadable."""
     if not path:
