@@ -13,7 +13,8 @@ Modules (one job each; see README.md for the data flow):
     detector    compact Faster R-CNN
     metrics     AUC, FROC/CPM, AP, NODE21 score, bootstrap CIs, Frechet distance, Dice
     judge       attribute classifier used to score controllability and realism
-    common      seeding, devices, dataclass -> argparse, atomic checkpoints, logging
+    checks      physical ranges and size limits of the input; request-row and flag checks (issue 11)
+    common      seeding, devices, dataclass -> argparse, atomic checkpoints (schema, content hash), logging
 """
 
 __version__ = "0.1.0"

@@ -13,10 +13,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
-import hashlib
-import math
 import random
 import re
 import sys
@@ -170,47 +169,6 @@ def config_from_args(cls, args: argparse.Namespace, file_config: dict | None = N
         raise DataError(f"configuration {cls.__name__}: {err}") from err
 
 
-def check_ranges(config, ranges: dict | None = None) -> None:
-    """Refuse a config value outside its allowed range, as one line naming the flag ("--batch_size 0: …").
-
-    The rule of field `name` is `ranges[name]`, else the field's metadata["range"], e.g.
-    `batch_size: int = field(default=8, metadata={"range": (1, None)})`. A rule is (lo, hi) with None for
-    unbounded (numbers must also be finite), or a set of allowed values. Tuple fields are checked element
-    by element; None values (an unset optional field) are skipped.
-    """
-    for f in dataclasses.fields(config):
-        rule = (ranges or {}).get(f.name, f.metadata.get("range"))
-        value = getattr(config, f.name)
-        if rule is None or value is None:
-            continue
-        for item in value if isinstance(value, tuple) else (value,):
-            if isinstance(rule, (set, frozenset)):
-                if item not in rule:
-                    raise DataError(f"--{f.name} {item!r}: choose one of {', '.join(sorted(rule))}")
-                continue
-            lo, hi = rule
-            number = item if isinstance(item, (int, float)) and not isinstance(item, bool) else math.nan
-            if not math.isfinite(number) or (lo is not None and number < lo) or (hi is not None and number > hi):
-                bounds = " and ".join(b for b in (lo is not None and f"≥ {lo}", hi is not None and f"≤ {hi}") if b)
-                raise DataError(f"--{f.name} {item!r}: must be a finite number{' ' + bounds if bounds else ''}")
-
-
-def check_writable_dir(path: str | Path, flag: str = "--out_dir") -> Path:
-    """Create `path` if needed and prove it writable before any work starts; DataError naming the flag otherwise
-    (a file in the way, no permission, read-only disk): a run must not find out after hours of training."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise DataError(f"{flag} {path}: exists and is not a folder")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write_test.{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        raise DataError(f"{flag} {path}: cannot write there ({err.strerror or err})") from None
-    return path
-
-
 def read_config_file(path: str | None) -> dict:
     """Read a `--config run.json` file (a flat dict of field -> value); DataError when unreadable."""
     if not path:
@@ -280,20 +238,28 @@ def save_image_png(path: str | Path, image: np.ndarray) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------- checkpoints
+def _type_name(value) -> str:
+    return "None" if value is None else type(value).__name__
+
+
+def tensor_dict(value) -> str | None:
+    """Schema rule: a state dict (name -> tensor); returns what is wrong, or None."""
+    if not isinstance(value, dict):
+        return f"must be a dict of name -> tensor, got {_type_name(value)}"
+    bad = next((k for k, v in value.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)), None)
+    return None if bad is None else f"entry {bad!r} is not a named tensor"
+
+
 # Keys every diffusion-model checkpoint holds (written by stages.save_model, design §3), checked by load_checkpoint
-# before any use. A schema maps key -> type, tuple of types (None = may be None), set of allowed values, or a
-# nested schema dict (keys not listed are allowed: the writer may add fields).
+# before any use. A schema maps key -> type, tuple of types (None = may be None), set of allowed values, a rule
+# function (value -> problem or None), or a nested schema dict (keys not listed are allowed: writers may add some).
 MODEL_CHECKPOINT_SCHEMA = {
-    "kind": str, "unet_config": dict, "vocab": dict, "weights": dict, "model": dict, "loop": (dict, None),
+    "kind": str, "unet_config": dict, "vocab": dict, "weights": tensor_dict, "model": tensor_dict, "loop": (dict, None),
     "rng_state": dict, "train_config": dict, "fingerprint": str,
     "diffusion_config": {"num_train_timesteps": int, "prediction_type": {"epsilon", "v_prediction", "sample"},
                          "beta_schedule": {"linear", "scaled_linear", "cosine"}, "mask_weight": (int, float)},
 }
 CHECKPOINT_SCHEMAS = {"base": MODEL_CHECKPOINT_SCHEMA, "cfg": MODEL_CHECKPOINT_SCHEMA}  # by the file's "kind"
-
-
-def _type_name(value) -> str:
-    return "None" if value is None else type(value).__name__
 
 
 def check_schema(where: str, payload: dict, schema: dict) -> None:
@@ -309,6 +275,9 @@ def check_schema(where: str, payload: dict, schema: dict) -> None:
         elif isinstance(want, set):
             if not isinstance(value, str) or value not in want:
                 raise DataError(f"{where}: key '{key}' is {value!r}; expected one of {', '.join(sorted(want))}")
+        elif callable(want) and not isinstance(want, type):
+            if (problem := want(value)) is not None:
+                raise DataError(f"{where}: key '{key}' {problem}")
         else:
             types_ = tuple(type(None) if t is None else t for t in (want if isinstance(want, tuple) else (want,)))
             if not isinstance(value, types_) or (isinstance(value, bool) and bool not in types_):

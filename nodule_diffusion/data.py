@@ -4,17 +4,7 @@ Conventions (design §3): images are float32 (H, W) in [0, 1] with dense = brigh
 absolute pixels, (0, 4) when empty; masks are bool (H, W). A nodule's attributes are a dict attribute -> value;
 a missing key means "unknown" (index -1 in tensors).
 Medical formats (DICOM, MetaImage, JSRT raw) are read by `formats.py`; `read_image` dispatches to it by content.
-
-Physical ranges (issue 11): what a chest radiograph allows; anything outside is a DataError naming the file.
-    SPACING_RANGE_MM  [0.05, 5] mm/pixel. The finest clinical X-ray detectors (mammography) have 0.05 mm pixels;
-                      CXR detectors 0.1–0.2 mm (JSRT 0.175), and a 43 cm chest still spans 86 pixels at 5 mm.
-    MAX_DIAMETER_MM   100 mm. A nodule is ≤ 30 mm and a mass above that [Fleischner glossary, Hansell 2008];
-                      100 mm leaves room for large masses, not for a typo like 5,950.
-    MIN_IMAGE_SIDE    16 pixels (also after resampling to the working spacing): the smallest model crop in use;
-                      a smaller image is mostly padding in every crop (a 1×1 image is a constant crop).
-    MAX_IMAGE_SIDE, MAX_IMAGE_PIXELS  16384 and 2^26 (8192²). The largest flat-panel CXR detectors are
-                      43 cm at 0.1 mm ≈ 4300² = 18.5 M pixels; a bigger header is a decompression bomb or an
-                      error, and is refused from its header, before any full-size array is allocated.
+Physical ranges and size limits (spacing, diameter, image size) are those of `checks.py`.
 """
 
 from __future__ import annotations
@@ -30,13 +20,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from nodule_diffusion.checks import (MAX_IMAGE_PIXELS, SPACING_HOW, check_diameter, check_image_size,
+                                     check_spacing)
 from nodule_diffusion.common import DataError, atomic_path
 
-__all__ = ["DataError", "DEFAULT_VOCAB", "SPACING_RANGE_MM", "MAX_DIAMETER_MM", "MIN_IMAGE_SIDE", "MAX_IMAGE_SIDE",
-           "MAX_IMAGE_PIXELS", "check_spacing", "check_diameter", "check_image_size", "image_size", "read_mask",
-           "check_request", "Nodule", "ImageRecord", "read_image", "read_spacing",
-           "read_annotations", "write_annotations", "read_coco", "write_coco", "nodule_mask", "load_record",
-           "crop_at", "NoduleCrops", "attribute_indices"]
+__all__ = ["DataError", "DEFAULT_VOCAB", "Nodule", "ImageRecord", "read_image", "read_spacing", "image_size",
+           "read_annotations", "write_annotations", "read_coco", "write_coco", "read_mask", "nodule_mask",
+           "load_record", "crop_at", "NoduleCrops", "attribute_indices"]
 
 # The attribute vocabulary (design §3). Held here as the default; every consumer takes a vocab argument,
 # so adding a value means editing this dict (or passing a vocab JSON) and nothing else.
@@ -45,41 +35,6 @@ DEFAULT_VOCAB: dict[str, list[str]] = {
     "margin": ["smooth", "lobulated", "spiculated"],
     "calcification": ["none", "calcified"],
 }
-
-SPACING_RANGE_MM = (0.05, 5.0)  # mm per pixel (module docstring)
-MAX_DIAMETER_MM = 100.0
-MIN_IMAGE_SIDE = 16
-MAX_IMAGE_SIDE = 16384
-MAX_IMAGE_PIXELS = 2 ** 26
-SPACING_HOW = "give it in the annotation CSV column spacing_mm (mm per pixel)"
-
-
-def check_spacing(value, where: str, how: str = SPACING_HOW) -> float:
-    """`value` as a float in SPACING_RANGE_MM (mm/pixel), else DataError "{where}: …; {how}"."""
-    lo, hi = SPACING_RANGE_MM
-    number = value if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
-    if not (lo <= number <= hi):  # NaN fails every comparison
-        raise DataError(f"{where}: pixel spacing {value!r} mm is outside the physical range [{lo}, {hi}] mm/pixel; "
-                        f"{how}")
-    return float(number)
-
-
-def check_diameter(value, where: str) -> float:
-    """A nodule diameter in mm: finite, > 0 and ≤ MAX_DIAMETER_MM, else DataError."""
-    number = value if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
-    if not (0 < number <= MAX_DIAMETER_MM):
-        raise DataError(f"{where}: diameter_mm {value!r} must be > 0 and ≤ {MAX_DIAMETER_MM:g} mm")
-    return float(number)
-
-
-def check_image_size(height: int, width: int, where, min_side: int = MIN_IMAGE_SIDE) -> tuple[int, int]:
-    """(H, W) inside [min_side, MAX_IMAGE_SIDE] per side and ≤ MAX_IMAGE_PIXELS in all, else DataError."""
-    if min(height, width) < min_side:
-        raise DataError(f"{where}: image is {width}x{height} pixels; need at least {min_side} per side")
-    if max(height, width) > MAX_IMAGE_SIDE or height * width > MAX_IMAGE_PIXELS:
-        raise DataError(f"{where}: image is {width}x{height} pixels; the limit is {MAX_IMAGE_SIDE} per side and "
-                        f"{MAX_IMAGE_PIXELS} pixels in all (a bigger header is corrupt or a decompression bomb)")
-    return height, width
 
 
 @dataclass
@@ -157,9 +112,9 @@ def _read_pil(path: Path) -> np.ndarray:
                 pil = pil.convert("L")
                 mode = "L"
             arr = np.asarray(pil)
+    except DataError:
+        raise
     except (OSError, ValueError, Image.DecompressionBombError) as err:
-        if isinstance(err, DataError):
-            raise
         raise DataError(f"{path}: unreadable image ({err})") from err
     if arr.ndim != 2:
         raise DataError(f"{path}: expected a 2-D grayscale or colour image, got shape {arr.shape}")
@@ -239,7 +194,7 @@ def read_annotations(csv_path: str | Path, vocab: dict[str, list[str]] = DEFAULT
     MetaImage ElementSpacing, JSRT); `require_spacing` refuses an image that has none in either place.
     Raises a one-line DataError naming the file and row for: no rows, missing columns, non-numeric or NaN
     numbers, x1 <= x0 or y1 <= y0, boxes outside the image, spacing or diameter outside the physical ranges
-    (module docstring), a diameter too big for its (clipped?) box, unknown attribute values, images outside the
+    (checks.py), a diameter too big for its (clipped?) box, unknown attribute values, images outside the
     size limits, masks of another size, and images (or masks) that do not exist.
     """
     csv_path = Path(csv_path)
@@ -480,31 +435,6 @@ def nodule_mask(nodule: Nodule, shape: tuple[int, int]) -> np.ndarray:
     cx, cy, rx, ry = (x0 + x1) / 2, (y0 + y1) / 2, max((x1 - x0) / 2, 0.5), max((y1 - y0) / 2, 0.5)
     mask[top:bottom, left:right] = ((xs - cx) / rx) ** 2 + ((ys - cy) / ry) ** 2 <= 1.0
     return mask
-
-
-def check_request(where: str, cx, cy, diameter_mm, mask: np.ndarray | None, image_hw: tuple[int, int],
-                  spacing_mm: float | None) -> None:
-    """Validate one nodule request of sample.py (a row of the requests CSV) against its image; DataError naming
-    `where` for: a centre that is not finite or lies outside the image, a diameter outside (0, MAX_DIAMETER_MM], a
-    nodule that the image edge would clip (its label would describe a nodule that is not all there), or a mask of
-    another size than the image or with no pixel set."""
-    h, w = image_hw
-    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in (cx, cy)) or not (
-            0 <= cx < w and 0 <= cy < h):
-        raise DataError(f"{where}: centre ({cx}, {cy}) must be finite and inside the {w}x{h} image")
-    if mask is not None:
-        if tuple(mask.shape) != (h, w):
-            raise DataError(f"{where}: request mask is {mask.shape[-1]}x{mask.shape[0]} pixels but the image is "
-                            f"{w}x{h}")
-        if not mask.any():
-            raise DataError(f"{where}: request mask is empty (no pixel > 0)")
-    if diameter_mm is None:
-        return
-    check_diameter(diameter_mm, where)
-    radius_px = diameter_mm / (spacing_mm or 1.0) / 2
-    if cx - radius_px < 0 or cy - radius_px < 0 or cx + radius_px > w or cy + radius_px > h:
-        raise DataError(f"{where}: a {diameter_mm:g} mm nodule ({2 * radius_px:.0f} px) at ({cx:g}, {cy:g}) would be "
-                        f"clipped by the {w}x{h} image edge; move it inward or make it smaller")
 
 
 def _resize(arr: np.ndarray, size_hw: tuple[int, int], resample) -> np.ndarray:

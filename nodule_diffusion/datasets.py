@@ -34,8 +34,9 @@ import re
 import warnings
 from pathlib import Path
 
+from .checks import check_image_size, check_spacing
 from .common import DataError
-from .data import ImageRecord, Nodule, check_image_size, check_spacing, image_size, read_annotations, read_coco
+from .data import ImageRecord, Nodule, image_size, read_annotations, read_coco
 from .formats import JSRT_SIZE, JSRT_SPACING_MM, read_header
 
 # ---------------------------------------- Shared helpers

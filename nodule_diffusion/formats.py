@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from .common import DataError, atomic_path  # DataError is public as nodule_diffusion.data.DataError
-from .data import check_image_size  # size limits (data.py docstring), checked from headers before decoding
+from .checks import check_image_size  # size limits (checks.py), checked from headers before decoding
 
 MAX_VOLUME_ELEMENTS = 2 ** 28  # a MetaImage stack of 512×512×1024; more is refused from its header
 

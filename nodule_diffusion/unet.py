@@ -96,7 +96,8 @@ class UNetConfig:
         unknown = sorted(set(values) - set(known))
         if unknown:
             raise DataError(f"{where}: unknown UNetConfig field(s) {unknown}; known: {', '.join(known)}")
-        checks = {"int": lambda v: isinstance(v, int) and not isinstance(v, bool), "bool": lambda v: isinstance(v, bool),
+        checks = {"int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+                  "bool": lambda v: isinstance(v, bool),
                   "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
                   "tuple[int, ...]": lambda v: isinstance(v, (list, tuple)) and all(
                       isinstance(x, int) and not isinstance(x, bool) for x in v)}

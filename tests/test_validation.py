@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from PIL import Image
 from torch import nn
 
-from nodule_diffusion import data, datasets, formats, lora
+from nodule_diffusion import checks, data, datasets, formats, lora
 from nodule_diffusion.common import (CHECKPOINT_FORMAT_VERSION, DataError, load_checkpoint, save_checkpoint,
                                      tensor_digest)
 from nodule_diffusion.data import DEFAULT_VOCAB, read_annotations
@@ -161,7 +161,8 @@ NUMBERS = st.one_of(st.floats(allow_nan=True, allow_infinity=True).map(repr), st
                     st.text(alphabet="0123456789.-+eE naif", max_size=8))
 
 
-@settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(spacing=NUMBERS, diameter=NUMBERS, x0=NUMBERS, x1=NUMBERS)
 def test_random_numeric_fields_are_refused_or_physical(folder, spacing, diameter, x0, x1):
     path = write_csv(folder, [{**GOOD_ROW, "spacing_mm": spacing, "diameter_mm": diameter, "x0": x0, "x1": x1}])
@@ -171,9 +172,9 @@ def test_random_numeric_fields_are_refused_or_physical(folder, spacing, diameter
         assert "ann.csv" in str(err) and "\n" not in str(err)
         return
     (nodule,) = record.nodules
-    lo, hi = data.SPACING_RANGE_MM
+    lo, hi = checks.SPACING_RANGE_MM
     assert record.spacing_mm is None or lo <= record.spacing_mm <= hi  # an empty field stays unknown
-    assert nodule.diameter_mm is None or 0 < nodule.diameter_mm <= data.MAX_DIAMETER_MM
+    assert nodule.diameter_mm is None or 0 < nodule.diameter_mm <= checks.MAX_DIAMETER_MM
     assert 0 <= nodule.box[0] < nodule.box[2] <= 64
 
 
@@ -254,6 +255,7 @@ CHECKPOINT_CASES = {  # name -> (change to the payload, substring of the message
                               "beta_schedule"),
     "no diffusion_config": (_without("diffusion_config"), "diffusion_config"),
     "weights not a dict": (lambda p: {**p, "weights": torch.zeros(2)}, "weights"),
+    "weights of lists": (lambda p: {**p, "model": {"unet.w": [1.0, 2.0]}}, "'unet.w' is not a named tensor"),
     "NaN weight": (lambda p: {**p, "weights": {"unet.w": torch.tensor([1.0, math.nan])}}, "NaN"),
     "inf in the optimizer": (lambda p: {**p, "loop": {"optimizer": {"state": {0: {"exp_avg": torch.tensor([
         math.inf])}}}}}, "NaN or infinite"),
@@ -404,16 +406,16 @@ def test_schema_constants_match_the_code():
 def test_request_rows_are_checked(cx, cy, diameter, mask_shape, match):
     mask = None if mask_shape is None else (np.zeros((64, 64), bool) if mask_shape == "empty" else
                                             np.ones(mask_shape, bool))
-    assert match in refused(lambda: data.check_request("req.csv row 2", cx, cy, diameter, mask, (64, 64), 1.0),
+    assert match in refused(lambda: checks.check_request("req.csv row 2", cx, cy, diameter, mask, (64, 64), 1.0),
                             "req.csv row 2")
-    data.check_request("req.csv row 2", 32, 32, 6, None, (64, 64), 1.0)  # a fine request passes
+    checks.check_request("req.csv row 2", 32, 32, 6, None, (64, 64), 1.0)  # a fine request passes
 
 
 # ----------------------------------------------------------------------------------------------- flag ranges
 def test_check_ranges_and_writable_dir(tmp_path):
     import dataclasses
 
-    from nodule_diffusion.common import check_ranges, check_writable_dir
+    from nodule_diffusion.checks import check_ranges, check_writable_dir
 
     @dataclasses.dataclass
     class Flags:
