@@ -359,8 +359,13 @@ def write_coco(json_path: str | Path, records: list[ImageRecord], sizes: list[tu
     return json_path
 
 
-def read_coco(json_path: str | Path, vocab: dict[str, list[str]] = DEFAULT_VOCAB) -> list[ImageRecord]:
-    """Read COCO detection JSON (every category counts as nodule); validates boxes against width/height."""
+def read_coco(json_path: str | Path, vocab: dict[str, list[str]] = DEFAULT_VOCAB,
+              require_spacing: bool = False) -> list[ImageRecord]:
+    """Read COCO detection JSON (every category counts as nodule); validates boxes against width/height.
+
+    An image without a "spacing_mm" field takes the spacing from its header (as read_annotations does);
+    `require_spacing` refuses an image that has none in either place.
+    """
     json_path = Path(json_path)
     try:
         coco = json.loads(json_path.read_text())
@@ -375,9 +380,15 @@ def read_coco(json_path: str | Path, vocab: dict[str, list[str]] = DEFAULT_VOCAB
         path = (json_path.parent / img["file_name"]).resolve()
         if not path.is_file():
             raise DataError(f"{json_path}: image {img['file_name']!r} (id {image_id}) not found")
+        where = f"{json_path} image id {image_id}"
         spacing = img.get("spacing_mm")
-        spacing = None if spacing is None else check_spacing(spacing, f"{json_path} image id {image_id}",
-                                                             "fix the image's spacing_mm field")
+        if spacing is not None:
+            spacing = check_spacing(spacing, where, "fix the image's spacing_mm field")
+        elif (spacing := _in_row(where, read_spacing, path)) is not None:
+            spacing = check_spacing(spacing, f"{where}: {img['file_name']!r} header")
+        elif require_spacing:
+            raise DataError(f"{where}: {img['file_name']!r} has no pixel spacing (no spacing_mm field, none usable "
+                            f"in its header); give it as the image's spacing_mm field (mm per pixel)")
         records[image_id] = ImageRecord(image=path, spacing_mm=spacing)
     for ann in annotations:
         where = f"{json_path} annotation id {ann.get('id')}"

@@ -90,7 +90,7 @@ def _check_box(box, size_hw, where: str) -> tuple[float, float, float, float]:
 
 def _header(path: Path) -> tuple[tuple[int, int] | None, float | None]:
     """((H, W), spacing_mm) from the header (formats.read_header; PIL for the size of PNG/JPEG/TIFF), both checked:
-    size within data.check_image_size's limits, spacing (when present) within data.SPACING_RANGE_MM."""
+    size within checks.check_image_size's limits, spacing (when present) within checks.SPACING_RANGE_MM."""
     size_hw, spacing = read_header(path)
     size_hw = image_size(path) if size_hw is None else check_image_size(*size_hw, path)
     if spacing is not None:
@@ -403,8 +403,8 @@ def load_csv(path, vocab) -> list[ImageRecord]:
 
 
 def load_coco(path, vocab) -> list[ImageRecord]:
-    """COCO detection JSON → `data.read_coco`."""
-    return read_coco(path, vocab)
+    """COCO detection JSON → `data.read_coco`; every image needs a pixel spacing, as for load_csv."""
+    return read_coco(path, vocab, require_spacing=True)
 
 
 # --data FORMAT:PATH → loader. "phantom" is generated on the fly by phantom.make_dataset (wired by the scripts).

@@ -40,7 +40,9 @@ import numpy as np
 from .common import DataError, atomic_path  # DataError is public as nodule_diffusion.data.DataError
 from .checks import check_image_size  # size limits (checks.py), checked from headers before decoding
 
-MAX_VOLUME_ELEMENTS = 2 ** 28  # a MetaImage stack of 512×512×1024; more is refused from its header
+# Image sizes are checked from the header before any pixel is decoded (checks.check_image_size per slice; this for
+# a whole MetaImage stack, 512×512×1024), so a corrupt header or a decompression bomb cannot exhaust memory.
+MAX_VOLUME_ELEMENTS = 2 ** 28
 
 # ---------------------------------------- Sniffing
 

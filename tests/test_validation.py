@@ -140,6 +140,16 @@ def test_csv_data_needs_a_spacing_from_column_or_header(folder):
     assert "spacing_mm" in message and "img.png" in message
 
 
+def test_coco_data_needs_a_spacing_too(folder):
+    (record,) = read_annotations(write_csv(folder, [{**GOOD_ROW, "spacing_mm": ""}]))
+    path = data.write_coco(folder / "coco.json", [record], [(64, 64)])
+    assert data.read_coco(path)[0].spacing_mm is None
+    assert "spacing_mm" in refused(lambda: datasets.load_data("coco", path, DEFAULT_VOCAB), "coco.json")
+    record.spacing_mm = 0.01
+    path = data.write_coco(folder / "coco.json", [record], [(64, 64)])
+    refused(lambda: data.read_coco(path), "coco.json")
+
+
 def test_empty_request_mask_is_refused_when_loaded(folder):
     path = write_csv(folder, [{**GOOD_ROW, "mask": "empty_mask.png"}])
     (record,) = read_annotations(path)
