@@ -89,13 +89,13 @@ class UNetConfig:
         """Inverse of to_dict; lists (from JSON) become tuples. A value that is not a dict, an unknown field, a value
         of the wrong type or an inconsistent architecture raises a DataError that starts with `source` (pass the
         checkpoint's path so that the message names the file)."""
-        where = source or "UNetConfig"
+        where = f"{source}: unet_config" if source else "UNetConfig"
         if not isinstance(values, dict):
-            raise DataError(f"{where}: unet_config must be a dict of UNetConfig fields, got {type(values).__name__}")
+            raise DataError(f"{where} must be a dict of UNetConfig fields, got {type(values).__name__}")
         known = {f.name: f.type for f in fields(cls)}  # annotations are strings (from __future__ import annotations)
         unknown = sorted(set(values) - set(known))
         if unknown:
-            raise DataError(f"{where}: unknown UNetConfig field(s) {unknown}; known: {', '.join(known)}")
+            raise DataError(f"{where}: unknown field(s) {unknown}; known: {', '.join(known)}")
         checks = {"int": lambda v: isinstance(v, int) and not isinstance(v, bool),
                   "bool": lambda v: isinstance(v, bool),
                   "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
@@ -103,7 +103,7 @@ class UNetConfig:
                       isinstance(x, int) and not isinstance(x, bool) for x in v)}
         for name, value in values.items():
             if not checks[known[name]](value):
-                raise DataError(f"{where}: UNetConfig field '{name}' must be {known[name]}, got {value!r}")
+                raise DataError(f"{where}: field '{name}' must be {known[name]}, got {value!r}")
         try:
             return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
         except DataError as err:
