@@ -452,13 +452,13 @@ def load_adapter(path: str | os.PathLike, model: nn.Module, name: str, base_fing
     """Inject the adapter stored at `path` into `model` as `name` and load it; returns (config, extra).
 
     Refuses with DataError naming the file when the file is unreadable, malformed or of another format
-    (`read_adapter`), was made for another base (fingerprint differs), records another name than
-    `expected_name` (when given; `check_adapter_name`), names layers the model lacks, or holds tensors of the
-    wrong shape. The model is checked completely before anything is injected, so a refused file leaves it unchanged.
+    (`read_adapter`), was made for another base (fingerprint differs), records another name than `expected_name`
+    (`check_adapter_name`; default: `name` without an "@tag" suffix, since "texture=solid@ortho" is a tagged copy
+    of texture=solid), names layers the model lacks, or holds tensors of the wrong shape. The model is checked
+    completely before anything is injected, so a refused file leaves it unchanged.
     """
     payload = _read_adapter_file(path, base_fingerprint)
-    if expected_name is not None:
-        check_adapter_name(payload, expected_name, path)
+    check_adapter_name(payload, name.partition("@")[0] if expected_name is None else expected_name, path)
     modules = dict(model.named_modules())
     tensors = payload["tensors"]
     for layer_name, spec in payload["layers"].items():
