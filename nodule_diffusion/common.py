@@ -250,12 +250,23 @@ def tensor_dict(value) -> str | None:
     return None if bad is None else f"entry {bad!r} is not a named tensor"
 
 
+def vocabulary(value) -> str | None:
+    """Schema rule: an attribute vocabulary, attribute -> non-empty list of distinct value names."""
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        return f"must be a dict of attribute -> list of values, got {_type_name(value)}"
+    for name, values in value.items():
+        if not (isinstance(values, list) and values and all(isinstance(v, str) for v in values)
+                and len(set(values)) == len(values)):
+            return f"attribute {name!r} needs a list of distinct value names, got {values!r}"
+    return None
+
+
 # Keys every diffusion-model checkpoint holds (written by stages.save_model, design §3), checked by load_checkpoint
 # before any use. A schema maps key -> type, tuple of types (None = may be None), set of allowed values, a rule
 # function (value -> problem or None), or a nested schema dict (keys not listed are allowed: writers may add some).
 MODEL_CHECKPOINT_SCHEMA = {
-    "kind": str, "unet_config": dict, "vocab": dict, "weights": tensor_dict, "model": tensor_dict, "loop": (dict, None),
-    "rng_state": dict, "train_config": dict, "fingerprint": str,
+    "kind": str, "unet_config": dict, "vocab": vocabulary, "weights": tensor_dict, "model": tensor_dict,
+    "loop": (dict, None), "rng_state": dict, "train_config": dict, "fingerprint": str,
     "diffusion_config": {"num_train_timesteps": int, "prediction_type": {"epsilon", "v_prediction", "sample"},
                          "beta_schedule": {"linear", "scaled_linear", "cosine"}, "mask_weight": (int, float)},
 }

@@ -265,6 +265,7 @@ CHECKPOINT_CASES = {  # name -> (change to the payload, substring of the message
                               "beta_schedule"),
     "no diffusion_config": (_without("diffusion_config"), "diffusion_config"),
     "weights not a dict": (lambda p: {**p, "weights": torch.zeros(2)}, "weights"),
+    "vocab values a string": (lambda p: {**p, "vocab": {"texture": "solid"}}, "vocab"),
     "weights of lists": (lambda p: {**p, "model": {"unet.w": [1.0, 2.0]}}, "'unet.w' is not a named tensor"),
     "NaN weight": (lambda p: {**p, "weights": {"unet.w": torch.tensor([1.0, math.nan])}}, "NaN"),
     "inf in the optimizer": (lambda p: {**p, "loop": {"optimizer": {"state": {0: {"exp_avg": torch.tensor([
