@@ -52,12 +52,20 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """'auto' -> cuda when available, else cpu. An explicit 'cuda' without a GPU is a clear error."""
+    """'auto' -> cuda when available, else cpu. An unknown name, or a GPU this machine lacks, is a clear error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        device = torch.device(name)
+    except RuntimeError:  # torch's message lists every device type it knows: too long for one line
+        raise DataError(f"--device {name}: unknown device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise DataError(f"--device {name}: no CUDA device is available on this machine (use --device cpu or auto)")
-    return torch.device(name)
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise DataError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise DataError(f"--device {name}: device type {device.type!r} is not supported; use auto, cpu or cuda")
+    return device
 
 
 def autocast(device: torch.device, enabled: bool = True):
@@ -167,6 +175,14 @@ def config_from_args(cls, args: argparse.Namespace, file_config: dict | None = N
         return cls(**values)
     except (TypeError, ValueError) as err:
         raise DataError(f"configuration {cls.__name__}: {err}") from err
+
+
+def check_config_keys(path: str, file_config: dict, *classes) -> None:
+    """Refuse a `--config` key that no dataclass of this script has (a misspelt key would silently do nothing)."""
+    known = {f.name for cls in classes for f in dataclasses.fields(cls)}
+    unknown = sorted(set(file_config) - known)
+    if unknown:
+        raise DataError(f"{path}: unknown config key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
 
 
 def read_config_file(path: str | None) -> dict:

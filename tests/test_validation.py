@@ -447,3 +447,24 @@ def test_check_ranges_and_writable_dir(tmp_path):
     (tmp_path / "file").write_text("x")
     refused(lambda: check_writable_dir(tmp_path / "file"), "--out_dir")
     refused(lambda: check_writable_dir(tmp_path / "file" / "sub", "--out"), "--out")
+
+
+def test_unknown_devices_and_config_keys():
+    import dataclasses
+
+    from nodule_diffusion.common import check_config_keys, resolve_device
+
+    for name in ("tpu", "gpu", "cuda:99", "meta"):
+        refused(lambda: resolve_device(name), f"--device {name}")
+    assert resolve_device("cpu") == torch.device("cpu")
+
+    @dataclasses.dataclass
+    class A:
+        lr: float = 1e-3
+
+    @dataclasses.dataclass
+    class B:
+        steps: int = 1
+
+    check_config_keys("run.json", {"lr": 0.1, "steps": 3}, A, B)
+    assert "learning_rate" in refused(lambda: check_config_keys("run.json", {"learning_rate": 0.1}, A, B), "run.json")
