@@ -3,7 +3,8 @@
 Implements, one file at a time (`data.read_image` dispatches here by content signature, else by extension):
     is_dicom, is_metaimage          cheap content sniffing (DICOM "DICM" at byte 128; MetaImage `Key = Value`)
     read_dicom_dataset, read_dicom  pydicom 3: stored → modality LUT → first VOI LUT/window → MONOCHROME1
-                                    inversion → min-max [0, 1] [DICOM PS3.4 N.2]
+                                    inversion → min-max [0, 1] [DICOM PS3.4 N.2]; steps 2-3 and 4-5 are
+                                    dicom_voi_values / dicom_scale01, which derived.py inverts
     write_derived_dicom             one derived DICOM per synthetic image [DICOM PS3.3 C.7.6.1.1]
     read_metaimage(_image), read_volume, write_metaimage   numpy + zlib MetaImage: LOCAL (.mha) or raw file
                                     (.mhd), raw or zlib CompressedData, both byte orders [MetaIO]
@@ -183,22 +184,46 @@ def read_dicom(path) -> tuple[np.ndarray, dict]:
     meta: spacing_mm (float or None), pixel_spacing_rc_mm, photometric, modality, SOP class/instance, study and
     series UIDs, transfer_syntax.
     """
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
-
     ds = read_dicom_dataset(path)
     try:
         stored = _dicom_stored_values(path, ds)  # step 1
-        values = apply_modality_lut(stored, ds)  # step 2
-        values = np.asarray(apply_voi_lut(values, ds, index=0), dtype=np.float64)  # step 3
         meta = _dicom_meta(ds)
     except DataError:
         raise
+    except Exception as err:  # noqa: BLE001 - pydicom decodes header values lazily (see dicom_voi_values)
+        raise DataError(f"{path}: malformed DICOM header ({type(err).__name__}: {err})") from err
+    values = dicom_voi_values(path, ds, stored)  # steps 2-3
+    return dicom_scale01(path, values, meta["photometric"], values.min(), values.max()), meta  # steps 4-5
+
+
+def dicom_voi_values(path, ds, stored: np.ndarray) -> np.ndarray:
+    """Steps 2-3 of `read_dicom`: modality LUT, then the first VOI LUT/window → float64, same shape as `stored`.
+
+    Element-wise, so `derived.py` maps every possible stored value through it to invert the reader exactly.
+    pydicom's windowing rewrites RescaleSlope/Intercept as floats in `ds`: pass a dataset you will not save.
+    """
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    try:
+        values = apply_modality_lut(stored, ds)  # step 2
+        return np.asarray(apply_voi_lut(values, ds, index=0), dtype=np.float64)  # step 3
     except Exception as err:  # noqa: BLE001 - pydicom decodes header values lazily; bad VRs, WindowWidth < 1,
         # malformed LUT descriptors etc. surface here with assorted exception types
         raise DataError(f"{path}: malformed DICOM header or LUT ({type(err).__name__}: {err})") from err
-    if meta["photometric"].strip() == "MONOCHROME1":
-        values = values.max() + values.min() - values  # step 4: dense = bright
-    return _minmax01(path, values), meta  # step 5
+
+
+def dicom_scale01(path, values: np.ndarray, photometric: str, lo: float, hi: float) -> np.ndarray:
+    """Steps 4-5 of `read_dicom`: MONOCHROME1 inversion and min-max, given the image's VOI extremes (lo, hi).
+
+    MONOCHROME2: (v − lo)/(hi − lo); MONOCHROME1: (hi − v)/(hi − lo), the same as inverting (max + min − v)
+    and then min-max scaling. A constant image (hi = lo) gives zeros. → float32 of the shape of `values`.
+    """
+    if not np.isfinite(values).all():
+        raise DataError(f"{path}: pixel data contains NaN or infinite values")
+    if hi <= lo:
+        return np.zeros(values.shape, np.float32)
+    dense = hi - values if photometric.strip() == "MONOCHROME1" else values - lo  # step 4: dense = bright
+    return (dense / (hi - lo)).astype(np.float32)  # step 5
 
 
 def _reset_pixel_tags(ds) -> None:
