@@ -31,7 +31,6 @@ Deviations and choices:
 from __future__ import annotations
 
 import datetime
-import os
 import re
 import zlib
 from pathlib import Path
@@ -372,8 +371,12 @@ def _parse_metaimage_header(path: Path, header: dict[str, str]) -> tuple[tuple[i
     return tuple(reversed(dims)), dtype, meta  # DimSize is x, y[, z] → numpy (z,) y, x
 
 
-def _read_metaimage_bytes(path: Path, header: dict[str, str], offset: int, nbytes: int, compressed: bool) -> bytes:
-    """The (inflated) pixel bytes: after the header (LOCAL) or from the data file named in ElementDataFile."""
+def metaimage_data_span(path: Path, header: dict[str, str], offset: int, nbytes: int,
+                        compressed: bool) -> tuple[Path, int, int]:
+    """Where the pixel bytes lie → (data file, start, stop): after the header (LOCAL) or in ElementDataFile.
+
+    `offset` is the byte after the header's ElementDataFile line; `nbytes` the uncompressed pixel byte count.
+    """
     data_file = header["elementdatafile"]
     if data_file.upper() == "LOCAL":
         data_path = path
@@ -384,21 +387,24 @@ def _read_metaimage_bytes(path: Path, header: dict[str, str], offset: int, nbyte
         if not data_path.is_file():
             raise DataError(f"{path}: data file {data_path} named by ElementDataFile is missing")
     skip = _header_ints(path, header, "HeaderSize", [0])[0]
+    size = data_path.stat().st_size
+    # HeaderSize = -1: the data are the last bytes of the file [MetaIO]; else skip that many bytes.
+    start = max(size - nbytes if skip == -1 and not compressed else offset + max(skip, 0), 0)
+    n_compressed = _header_ints(path, header, "CompressedDataSize", [-1])[0] if compressed else -1
+    return data_path, start, size if n_compressed < 0 else min(start + n_compressed, size)
+
+
+def _read_metaimage_bytes(path: Path, header: dict[str, str], offset: int, nbytes: int, compressed: bool) -> bytes:
+    """The (inflated) pixel bytes, read from `metaimage_data_span`."""
+    data_path, start, stop = metaimage_data_span(path, header, offset, nbytes, compressed)
     with open(data_path, "rb") as f:
-        f.seek(0, os.SEEK_END)
-        size = f.tell()
-        # HeaderSize = -1: the data are the last bytes of the file [MetaIO]; else skip that many bytes.
-        start = size - nbytes if skip == -1 and not compressed else offset + max(skip, 0)
-        f.seek(max(start, 0))
-        if compressed:
-            n_compressed = _header_ints(path, header, "CompressedDataSize", [-1])[0]
-            buf = f.read() if n_compressed < 0 else f.read(n_compressed)
-            try:
-                buf = zlib.decompress(buf, 47)  # 47 = 32 + 15: zlib or gzip wrapper [MetaIO metaUtils.cxx]
-            except zlib.error as err:
-                raise DataError(f"{path}: corrupt zlib CompressedData in {data_path.name} ({err})") from None
-        else:
-            buf = f.read()
+        f.seek(start)
+        buf = f.read(stop - start)
+    if compressed:
+        try:
+            buf = zlib.decompress(buf, 47)  # 47 = 32 + 15: zlib or gzip wrapper [MetaIO metaUtils.cxx]
+        except zlib.error as err:
+            raise DataError(f"{path}: corrupt zlib CompressedData in {data_path.name} ({err})") from None
     if len(buf) != nbytes:
         raise DataError(f"{path}: pixel data has {len(buf)} bytes, DimSize × ElementType needs {nbytes}")
     return buf
