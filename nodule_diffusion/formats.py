@@ -30,7 +30,6 @@ Deviations and choices:
 
 from __future__ import annotations
 
-import datetime
 import re
 import zlib
 from pathlib import Path
@@ -249,11 +248,13 @@ def write_derived_dicom(path, source_path, image01: np.ndarray, description: str
     removed, so `read_dicom` (min-max per image) returns `image01` up to quantisation whenever image01 spans
     [0, 1], as every image read by `read_dicom` does. ValueError for a wrong shape or range. Tags follow PS3.3 C.7.6.1.1.2 (ImageType),
     C.7.6.1.1.3 (DerivationDescription), C.7.6.1.1.4 (SourceImageSequence), C.7.6.1.1.5 (LossyImageCompression).
+    Superseded by `derived.write_derived`, which keeps the source's stored values (issue 11); remove once the
+    sample path calls that.
     """
     import pydicom
-    from pydicom.dataset import Dataset
-    from pydicom.sequence import Sequence
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    from .derived import mark_derived_dicom  # derived.py imports this module
 
     path = Path(path)
     ds = read_dicom_dataset(source_path)  # modified in place below: it becomes the derived dataset
@@ -263,30 +264,13 @@ def write_derived_dicom(path, source_path, image01: np.ndarray, description: str
                          f"({ds.get('Rows')}, {ds.get('Columns')}); pixel spacing would be wrong")
     if not (np.isfinite(image01).all() and 0 <= image01.min() and image01.max() <= 1 and 1 <= bits <= 16):
         raise ValueError(f"image01 must be finite and in [0, 1], bits in 1..16 (got {bits})")
-    reference = Dataset()  # SourceImageSequence item: the source's SOP Class and Instance UIDs
-    reference.ReferencedSOPClassUID = ds.get("SOPClassUID")
-    reference.ReferencedSOPInstanceUID = ds.get("SOPInstanceUID")
-    old_type = [str(v) for v in (ds.get("ImageType") or [])]
     _reset_pixel_tags(ds)
     # Native little endian: set_pixel_data refuses big-endian datasets and we never re-compress.
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     stored = np.round(image01 * (2 ** bits - 1)).astype(np.uint16)  # (H, W)
     ds.set_pixel_data(stored, "MONOCHROME2", bits, generate_instance_uid=False)
 
-    ds.SOPInstanceUID = generate_uid()
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.SeriesInstanceUID = generate_uid()
-    ds.SeriesNumber = int(ds.get("SeriesNumber") or 0) + 1000
-    ds.SeriesDescription = "SYNTHETIC NODULE"
-    ds.ImageType = ["DERIVED", "SECONDARY"] + old_type[2:]  # values 1-2 replaced, further source values kept
-    ds.DerivationDescription = str(description)[:1024]  # ST: at most 1024 characters
-    ds.SourceImageSequence = Sequence([reference])
-    ds.BurnedInAnnotation = "NO"
-    # Once a source was lossy-compressed the flag stays "01" [DICOM C.7.6.1.1.5]; our write itself is lossless.
-    ds.LossyImageCompression = "01" if str(ds.get("LossyImageCompression", "00")) == "01" else "00"
-    now = datetime.datetime.now()
-    ds.ContentDate = ds.InstanceCreationDate = now.strftime("%Y%m%d")
-    ds.ContentTime = ds.InstanceCreationTime = now.strftime("%H%M%S")
+    mark_derived_dicom(ds, description)
     for _ in ds.iterall():
         pass  # decode every still-raw element now, so a big-endian source is re-encoded as little endian
     with atomic_path(path) as tmp:  # temp file + rename: readers never see a half-written file
