@@ -158,6 +158,31 @@ def test_dicom_every_stored_value_comes_back(tmp_path, name):
     np.testing.assert_array_equal(pydicom.dcmread(out).pixel_array, pydicom.dcmread(source).pixel_array)
 
 
+def test_dicom_voi_lut_sequence(tmp_path):
+    """A VOI LUT (not a window): non-linear, 12 → 10 bits, flat beyond its first and last entries."""
+    from pydicom.sequence import Sequence
+
+    stored = radiograph((48, 40), 0, 4095).astype(np.uint16)
+    lut = np.round(1023 * (np.arange(3000) / 2999) ** 0.5).astype(np.uint16)  # entries for stored 500..3499
+    item = Dataset()
+    # [PS3.3 C.11.2.1.1] entries, first stored value mapped, bits per entry (≥ 10 avoids 8-bit byte packing)
+    item.LUTDescriptor = [len(lut), 500, 10]
+    item.add_new(0x00283006, "US", lut.tolist())  # LUTData
+    source = make_dicom(tmp_path / "lut.dcm", stored, "MONOCHROME1", 12, VOILUTSequence=Sequence([item]))
+    voi = lut[np.clip(stored.astype(int) - 500, 0, len(lut) - 1)].astype(float)  # independent model of the LUT
+    step = 1 / (voi.max() - voi.min())  # one LUT output unit
+    original = read_image(source)
+    np.testing.assert_allclose(original, (voi.max() - voi) / (voi.max() - voi.min()), atol=1e-6)
+    edited, changed = insert_disk(original)
+    out = derived.write_derived(source, original, edited, changed, tmp_path / "syn.dcm")
+    src, ds = pydicom.dcmread(source), pydicom.dcmread(out)
+    np.testing.assert_array_equal(ds.pixel_array[~changed], src.pixel_array[~changed])
+    assert list(ds.VOILUTSequence[0].LUTDescriptor) == [3000, 500, 10]
+    check_read_back(out, original, edited, changed, step / 2)
+    same = derived.write_derived(source, original, original, np.ones(original.shape, bool), tmp_path / "same.dcm")
+    np.testing.assert_array_equal(pydicom.dcmread(same).pixel_array, src.pixel_array)  # plateaus keep the source
+
+
 @pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small_bigendian.dcm", "MR_small_RLE.dcm", "image_dfl.dcm"])
 def test_dicom_bundled_sources(tmp_path, name):
     from pydicom.data import get_testdata_file
