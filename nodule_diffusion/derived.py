@@ -232,12 +232,15 @@ def _write_dicom(source: Path, out_path: Path, changed: np.ndarray, target: np.n
     new_stored[changed] = table_to_stored(target, forward, stored_min, stored[changed])
     for _ in ds.iterall():
         pass  # decode every still-raw element now, while the source's byte order is known
+    frames = ds.get("NumberOfFrames")  # set_pixel_data drops it for a 2-D array; multi-frame IODs require it
     # Native little endian: set_pixel_data refuses big-endian datasets, and we never re-compress.
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     # Same dtype as pydicom decoded (so BitsAllocated and PixelRepresentation), same BitsStored and polarity;
     # little-endian bytes (a big-endian source decodes to '>u2', and set_pixel_data writes the array's bytes).
     ds.set_pixel_data(new_stored.astype(new_stored.dtype.newbyteorder("<")), str(ds.PhotometricInterpretation),
                       int(ds.BitsStored), generate_instance_uid=False)
+    if frames is not None:
+        ds.NumberOfFrames = frames
     for keyword in ("SmallestImagePixelValue", "LargestImagePixelValue"):
         if keyword in ds:
             del ds[keyword]  # optional, and no longer known to hold

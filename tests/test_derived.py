@@ -30,8 +30,8 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid  # noqa: E402
 
 DX_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
 PIXEL_TAGS = ("PhotometricInterpretation", "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation",
-              "RescaleSlope", "RescaleIntercept", "WindowCenter", "WindowWidth", "VOILUTFunction",
-              "PixelSpacing", "ImagerPixelSpacing", "Rows", "Columns", "PatientID", "StudyInstanceUID")
+              "RescaleSlope", "RescaleIntercept", "WindowCenter", "WindowWidth", "VOILUTFunction", "PixelSpacing",
+              "ImagerPixelSpacing", "Rows", "Columns", "NumberOfFrames", "PatientID", "StudyInstanceUID")
 
 
 def radiograph(shape, lo, hi, seed=0) -> np.ndarray:
@@ -117,6 +117,8 @@ def build_dicom_case(path, name, shape=(48, 40)):
         tags.update(RescaleSlope=rescale[0], RescaleIntercept=rescale[1], RescaleType="US")
     if window:
         tags.update(WindowCenter=window[0], WindowWidth=window[1])
+    if signed:
+        tags.update(NumberOfFrames=1)  # as multi-frame IODs write a single frame
     make_dicom(path, stored, photometric, bits, **tags)
     all_values = np.arange(lo, hi + 1)
     kwargs = dict(bits=bits, signed=signed, **(dict(slope=rescale[0], intercept=rescale[1]) if rescale else {}),
