@@ -100,6 +100,7 @@ def dicom_voi_numpy(stored, bits, signed, slope=None, intercept=None, center=Non
 
 
 DICOM_CASES = {  # name: (photometric, bits, signed, rescale (slope, intercept) or None, window (c, w) or None)
+    "CR MONOCHROME1 15-bit WC 15000 / WW 30000 (as RG1_UNCI.dcm)": ("MONOCHROME1", 15, False, None, (15000, 30000)),
     "CR MONOCHROME1 15-bit rescale+window": ("MONOCHROME1", 15, False, (2, -1000), (30000, 60000)),
     "MONOCHROME2 12-bit plain": ("MONOCHROME2", 12, False, None, None),
     "MONOCHROME2 window that clips": ("MONOCHROME2", 12, False, None, (2048, 1500)),
