@@ -84,7 +84,7 @@ def derived_suffix(source_path) -> str:
 
 
 def write_derived(source_path, original: np.ndarray, edited: np.ndarray, changed: np.ndarray, out_path, *,
-                  frame: int | None = None, description: str = "") -> Path:
+                  frame: int | None = None, description: str = "nodule_diffusion: synthetic nodules inserted") -> Path:
     """Write `edited` as a file of `source_path`'s format, bit-identical to the source where `changed` is False.
 
     :param source_path: the file `original` was read from: DICOM, MetaImage, JSRT .IMG or greyscale PNG.

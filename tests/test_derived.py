@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from nodule_diffusion import derived, formats
 from nodule_diffusion.data import DataError, read_image
@@ -255,7 +255,7 @@ def test_dicom_inverse_property(bits, signed, mono1, rescale, window, function, 
 def test_png_derived(tmp_path, dtype, full):
     stored = radiograph((40, 36), 0, full).astype(dtype)
     source = tmp_path / "src.png"
-    info = __import__("PIL.PngImagePlugin", fromlist=["PngInfo"]).PngInfo()
+    info = PngImagePlugin.PngInfo()
     info.add_text("Source", "scanner 7")
     Image.fromarray(stored).save(source, dpi=(150, 150), pnginfo=info)
     original = read_image(source)
