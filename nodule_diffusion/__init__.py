@@ -4,6 +4,7 @@ Modules (one job each; see README.md for the data flow):
     phantom     procedural CXRs with attribute-labelled nodules (the embedded default dataset)
     data        DataError, image reading, annotation CSV/COCO, nodule masks, crop dataset
     formats     DICOM, MetaImage and JSRT readers, derived-DICOM writer
+    derived     write synthetic images back in their source's format, bit-identical outside the inserted regions
     datasets    JSRT / NODE21 / ChestX-ray14 / VinDr / CSV / COCO loaders behind one --data option
     schedulers  beta schedules, forward noising, DDPM and DDIM steps
     unet        mask-conditioned UNet with cross-attention to attribute tokens

@@ -3,7 +3,8 @@
 Implements, one file at a time (`data.read_image` dispatches here by content signature, else by extension):
     is_dicom, is_metaimage          cheap content sniffing (DICOM "DICM" at byte 128; MetaImage `Key = Value`)
     read_dicom_dataset, read_dicom  pydicom 3: stored → modality LUT → first VOI LUT/window → MONOCHROME1
-                                    inversion → min-max [0, 1] [DICOM PS3.4 N.2]
+                                    inversion → min-max [0, 1] [DICOM PS3.4 N.2]; steps 2-3 and 4-5 are
+                                    dicom_voi_values / dicom_scale01, which derived.py inverts
     write_derived_dicom             one derived DICOM per synthetic image [DICOM PS3.3 C.7.6.1.1]
     read_metaimage(_image), read_volume, write_metaimage   numpy + zlib MetaImage: LOCAL (.mha) or raw file
                                     (.mhd), raw or zlib CompressedData, both byte orders [MetaIO]
@@ -29,8 +30,6 @@ Deviations and choices:
 
 from __future__ import annotations
 
-import datetime
-import os
 import re
 import zlib
 from pathlib import Path
@@ -189,22 +188,46 @@ def read_dicom(path) -> tuple[np.ndarray, dict]:
     meta: spacing_mm (float or None), pixel_spacing_rc_mm, photometric, modality, SOP class/instance, study and
     series UIDs, transfer_syntax.
     """
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
-
     ds = read_dicom_dataset(path)
     try:
         stored = _dicom_stored_values(path, ds)  # step 1
-        values = apply_modality_lut(stored, ds)  # step 2
-        values = np.asarray(apply_voi_lut(values, ds, index=0), dtype=np.float64)  # step 3
         meta = _dicom_meta(ds)
     except DataError:
         raise
+    except Exception as err:  # noqa: BLE001 - pydicom decodes header values lazily (see dicom_voi_values)
+        raise DataError(f"{path}: malformed DICOM header ({type(err).__name__}: {err})") from err
+    values = dicom_voi_values(path, ds, stored)  # steps 2-3
+    return dicom_scale01(path, values, meta["photometric"], values.min(), values.max()), meta  # steps 4-5
+
+
+def dicom_voi_values(path, ds, stored: np.ndarray) -> np.ndarray:
+    """Steps 2-3 of `read_dicom`: modality LUT, then the first VOI LUT/window → float64, same shape as `stored`.
+
+    Element-wise, so `derived.py` maps every possible stored value through it to invert the reader exactly.
+    pydicom's windowing rewrites RescaleSlope/Intercept as floats in `ds`: pass a dataset you will not save.
+    """
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    try:
+        values = apply_modality_lut(stored, ds)  # step 2
+        return np.asarray(apply_voi_lut(values, ds, index=0), dtype=np.float64)  # step 3
     except Exception as err:  # noqa: BLE001 - pydicom decodes header values lazily; bad VRs, WindowWidth < 1,
         # malformed LUT descriptors etc. surface here with assorted exception types
         raise DataError(f"{path}: malformed DICOM header or LUT ({type(err).__name__}: {err})") from err
-    if meta["photometric"].strip() == "MONOCHROME1":
-        values = values.max() + values.min() - values  # step 4: dense = bright
-    return _minmax01(path, values), meta  # step 5
+
+
+def dicom_scale01(path, values: np.ndarray, photometric: str, lo: float, hi: float) -> np.ndarray:
+    """Steps 4-5 of `read_dicom`: MONOCHROME1 inversion and min-max, given the image's VOI extremes (lo, hi).
+
+    MONOCHROME2: (v − lo)/(hi − lo); MONOCHROME1: (hi − v)/(hi − lo), the same as inverting (max + min − v)
+    and then min-max scaling. A constant image (hi = lo) gives zeros. → float32 of the shape of `values`.
+    """
+    if not np.isfinite(values).all():
+        raise DataError(f"{path}: pixel data contains NaN or infinite values")
+    if hi <= lo:
+        return np.zeros(values.shape, np.float32)
+    dense = hi - values if photometric.strip() == "MONOCHROME1" else values - lo  # step 4: dense = bright
+    return (dense / (hi - lo)).astype(np.float32)  # step 5
 
 
 def _reset_pixel_tags(ds) -> None:
@@ -231,11 +254,13 @@ def write_derived_dicom(path, source_path, image01: np.ndarray, description: str
     removed, so `read_dicom` (min-max per image) returns `image01` up to quantisation whenever image01 spans
     [0, 1], as every image read by `read_dicom` does. ValueError for a wrong shape or range. Tags follow PS3.3 C.7.6.1.1.2 (ImageType),
     C.7.6.1.1.3 (DerivationDescription), C.7.6.1.1.4 (SourceImageSequence), C.7.6.1.1.5 (LossyImageCompression).
+    Superseded by `derived.write_derived`, which keeps the source's stored values (issue 11); remove once the
+    sample path calls that.
     """
     import pydicom
-    from pydicom.dataset import Dataset
-    from pydicom.sequence import Sequence
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    from .derived import mark_derived_dicom  # derived.py imports this module
 
     path = Path(path)
     ds = read_dicom_dataset(source_path)  # modified in place below: it becomes the derived dataset
@@ -245,30 +270,13 @@ def write_derived_dicom(path, source_path, image01: np.ndarray, description: str
                          f"({ds.get('Rows')}, {ds.get('Columns')}); pixel spacing would be wrong")
     if not (np.isfinite(image01).all() and 0 <= image01.min() and image01.max() <= 1 and 1 <= bits <= 16):
         raise ValueError(f"image01 must be finite and in [0, 1], bits in 1..16 (got {bits})")
-    reference = Dataset()  # SourceImageSequence item: the source's SOP Class and Instance UIDs
-    reference.ReferencedSOPClassUID = ds.get("SOPClassUID")
-    reference.ReferencedSOPInstanceUID = ds.get("SOPInstanceUID")
-    old_type = [str(v) for v in (ds.get("ImageType") or [])]
     _reset_pixel_tags(ds)
     # Native little endian: set_pixel_data refuses big-endian datasets and we never re-compress.
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     stored = np.round(image01 * (2 ** bits - 1)).astype(np.uint16)  # (H, W)
     ds.set_pixel_data(stored, "MONOCHROME2", bits, generate_instance_uid=False)
 
-    ds.SOPInstanceUID = generate_uid()
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.SeriesInstanceUID = generate_uid()
-    ds.SeriesNumber = int(ds.get("SeriesNumber") or 0) + 1000
-    ds.SeriesDescription = "SYNTHETIC NODULE"
-    ds.ImageType = ["DERIVED", "SECONDARY"] + old_type[2:]  # values 1-2 replaced, further source values kept
-    ds.DerivationDescription = str(description)[:1024]  # ST: at most 1024 characters
-    ds.SourceImageSequence = Sequence([reference])
-    ds.BurnedInAnnotation = "NO"
-    # Once a source was lossy-compressed the flag stays "01" [DICOM C.7.6.1.1.5]; our write itself is lossless.
-    ds.LossyImageCompression = "01" if str(ds.get("LossyImageCompression", "00")) == "01" else "00"
-    now = datetime.datetime.now()
-    ds.ContentDate = ds.InstanceCreationDate = now.strftime("%Y%m%d")
-    ds.ContentTime = ds.InstanceCreationTime = now.strftime("%H%M%S")
+    mark_derived_dicom(ds, description)
     for _ in ds.iterall():
         pass  # decode every still-raw element now, so a big-endian source is re-encoded as little endian
     with atomic_path(path) as tmp:  # temp file + rename: readers never see a half-written file
@@ -356,8 +364,12 @@ def _parse_metaimage_header(path: Path, header: dict[str, str]) -> tuple[tuple[i
     return tuple(reversed(dims)), dtype, meta  # DimSize is x, y[, z] → numpy (z,) y, x
 
 
-def _read_metaimage_bytes(path: Path, header: dict[str, str], offset: int, nbytes: int, compressed: bool) -> bytes:
-    """The (inflated) pixel bytes: after the header (LOCAL) or from the data file named in ElementDataFile."""
+def metaimage_data_span(path: Path, header: dict[str, str], offset: int, nbytes: int,
+                        compressed: bool) -> tuple[Path, int, int]:
+    """Where the pixel bytes lie → (data file, start, stop): after the header (LOCAL) or in ElementDataFile.
+
+    `offset` is the byte after the header's ElementDataFile line; `nbytes` the uncompressed pixel byte count.
+    """
     data_file = header["elementdatafile"]
     if data_file.upper() == "LOCAL":
         data_path = path
@@ -368,23 +380,26 @@ def _read_metaimage_bytes(path: Path, header: dict[str, str], offset: int, nbyte
         if not data_path.is_file():
             raise DataError(f"{path}: data file {data_path} named by ElementDataFile is missing")
     skip = _header_ints(path, header, "HeaderSize", [0])[0]
+    size = data_path.stat().st_size
+    # HeaderSize = -1: the data are the last bytes of the file [MetaIO]; else skip that many bytes.
+    start = max(size - nbytes if skip == -1 and not compressed else offset + max(skip, 0), 0)
+    n_compressed = _header_ints(path, header, "CompressedDataSize", [-1])[0] if compressed else -1
+    return data_path, start, size if n_compressed < 0 else min(start + n_compressed, size)
+
+
+def _read_metaimage_bytes(path: Path, header: dict[str, str], offset: int, nbytes: int, compressed: bool) -> bytes:
+    """The (inflated) pixel bytes, read from `metaimage_data_span`."""
+    data_path, start, stop = metaimage_data_span(path, header, offset, nbytes, compressed)
     with open(data_path, "rb") as f:
-        f.seek(0, os.SEEK_END)
-        size = f.tell()
-        # HeaderSize = -1: the data are the last bytes of the file [MetaIO]; else skip that many bytes.
-        start = size - nbytes if skip == -1 and not compressed else offset + max(skip, 0)
-        f.seek(max(start, 0))
-        if compressed:
-            n_compressed = _header_ints(path, header, "CompressedDataSize", [-1])[0]
-            buf = f.read() if n_compressed < 0 else f.read(n_compressed)
-            try:
-                # 47 = 32 + 15: zlib or gzip wrapper [MetaIO metaUtils.cxx]; inflating stops one byte past the
-                # expected size, so a zlib bomb cannot fill the memory (the length check below reports it).
-                buf = zlib.decompressobj(47).decompress(buf, nbytes + 1)
-            except zlib.error as err:
-                raise DataError(f"{path}: corrupt zlib CompressedData in {data_path.name} ({err})") from None
-        else:
-            buf = f.read()
+        f.seek(start)
+        buf = f.read(stop - start)
+    if compressed:
+        try:
+            # 47 = 32 + 15: zlib or gzip wrapper [MetaIO metaUtils.cxx]; inflating stops one byte past the expected
+            # size, so a zlib bomb cannot fill the memory (the length check below reports it).
+            buf = zlib.decompressobj(47).decompress(buf, nbytes + 1)
+        except zlib.error as err:
+            raise DataError(f"{path}: corrupt zlib CompressedData in {data_path.name} ({err})") from None
     if len(buf) != nbytes:
         raise DataError(f"{path}: pixel data has {len(buf)} bytes, DimSize × ElementType needs {nbytes}")
     return buf
