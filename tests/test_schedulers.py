@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import oracle
 from nodule_diffusion.schedulers import (DDIMScheduler, DDPMScheduler, SchedulerConfig, make_betas,
                                          sample_loop)
 
@@ -21,7 +22,7 @@ SHAPE = (2, 1, 4, 4)  # (B, C, H, W)
 
 
 def _diffusers():
-    return pytest.importorskip("diffusers", reason="diffusers is the parity oracle")
+    return oracle("diffusers", reason="diffusers is the parity oracle")
 
 
 def _reference(cls_name, T, schedule, prediction, spacing, beta_start=1e-4, beta_end=0.02):
@@ -269,13 +270,13 @@ def test_oracle_denoiser_recovers_x0(cls, prediction):
 
     alpha_bar = torch.cumprod(1 - torch.from_numpy(make_betas("linear", 1000)), 0)  # (T,) float64
 
-    def oracle(xt, t_batch):
+    def knows_x0(xt, t_batch):
         a = alpha_bar[t_batch].reshape(-1, 1, 1, 1)  # (B, 1, 1, 1)
         eps = (xt - a.sqrt() * x0) / (1 - a).sqrt()  # [DDPM Eq. 4] solved for eps
         return sched.training_target(x0, eps, t_batch)
 
     xT = torch.randn(SHAPE, generator=g, dtype=torch.float64)
-    got = sample_loop(oracle, sched, xT, generator=torch.Generator().manual_seed(1))
+    got = sample_loop(knows_x0, sched, xT, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(got, x0, rtol=0, atol=1e-5)
 
 
