@@ -317,3 +317,10 @@ def run_cli(main) -> None:
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+
+
+def progress_options(stream=None) -> dict:
+    """tqdm keyword arguments for the package's progress bars: live on a terminal; written to a file or a pipe
+    (a redirected log), at most one update a minute, so that the log does not fill with carriage-return updates."""
+    stream = sys.stderr if stream is None else stream
+    return {} if getattr(stream, "isatty", lambda: False)() else {"mininterval": 60.0}

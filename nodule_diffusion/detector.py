@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from .data import DataError
+from nodule_diffusion.data import DataError
 
 
 @dataclass

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import DataError, atomic_path  # DataError is public as nodule_diffusion.data.DataError
+from nodule_diffusion.common import DataError, atomic_path  # DataError is public as nodule_diffusion.data.DataError
 
 # ---------------------------------------- Sniffing
 

@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from nodule_diffusion import common, stages
+from nodule_diffusion import common, diffusion, training
 from nodule_diffusion.data import DEFAULT_VOCAB, ImageRecord, Nodule, NoduleCrops, read_annotations, write_annotations
-from nodule_diffusion.training import DiffusionConfig, DiffusionModel, LoopConfig
+from nodule_diffusion.diffusion import DiffusionConfig, DiffusionModel
+from nodule_diffusion.training import LoopConfig
 from nodule_diffusion.unet import UNetConfig
 
 SPACING_MM = 1.4  # the tiny images are written at the models' working resolution, so no resampling happens
@@ -89,8 +90,8 @@ def train_tiny_base(path: Path, crops: NoduleCrops, seed: int, steps: int = 4) -
     model = DiffusionModel(tiny_unet_config(), DEFAULT_VOCAB, DiffusionConfig())
     generator = torch.Generator().manual_seed(seed)
     loop = tiny_loop(steps)
-    state = stages.train_base(model, crops, loop, torch.device("cpu"), generator, path.parent)
-    stages.save_model(path, model, state, "base", {"seed": seed})
+    state = training.train_base(model, crops, loop, torch.device("cpu"), generator)
+    diffusion.save_model(path, model, state, "base", {"seed": seed})
     return path
 
 

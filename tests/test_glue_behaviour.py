@@ -23,11 +23,12 @@ import pytest
 import torch
 from conftest import oracle, tiny_loop
 
-from nodule_diffusion import control, lora, metrics, stages, synthesis
+from nodule_diffusion import compose, datasets, diffusion, lora, metrics, synthesis, training
 from nodule_diffusion.data import DEFAULT_VOCAB, NoduleCrops, dilate, read_image
 from nodule_diffusion.detector import _clip_and_filter
 from nodule_diffusion.schedulers import DDPMScheduler
-from nodule_diffusion.training import DiffusionConfig, LoopConfig, denoising_loss, fit, lr_at
+from nodule_diffusion.diffusion import DiffusionConfig, denoising_loss
+from nodule_diffusion.training import LoopConfig, fit, lr_at
 
 CPU = torch.device("cpu")
 
@@ -50,7 +51,7 @@ class CodeModel:
 
 def _eps_value(guidance, compositional, attributes):
     model = CodeModel()
-    eps = control._plain_eps(model, attributes, guidance, compositional)
+    eps = compose.guided_eps(model, attributes, guidance, compositional)
     xt = torch.zeros(2, 1, 4, 4)
     out = eps(xt, torch.zeros(2, dtype=torch.long), 0, torch.zeros_like(xt), torch.zeros_like(xt))
     assert torch.all(out == out.flatten()[0])
@@ -73,7 +74,7 @@ def test_cfg_compositional_guidance_formula():
 
 def test_without_guidance_the_model_sees_the_requested_row_only():
     model = CodeModel()
-    eps = control._plain_eps(model, {"margin": "lobulated"}, None, False)
+    eps = compose.guided_eps(model, {"margin": "lobulated"}, None, False)
     xt = torch.zeros(3, 1, 4, 4)
     eps(xt, torch.zeros(3, dtype=torch.long), 0, xt, xt)
     assert len(model.calls) == 1 and model.calls[0].tolist() == [[-1, 1, -1]] * 3
@@ -98,17 +99,16 @@ def _short_chain(model, steps=4):
 
 
 def test_base_stage_conditions_on_the_generic_token_only(tiny_base, disk_crops):
-    model, _ = stages.load_model(tiny_base, CPU)
+    model, _ = diffusion.load_model(tiny_base, CPU)
     spy = Spy(model)
-    stages.train_base(model, disk_crops, tiny_loop(2), CPU, torch.Generator().manual_seed(0), None)
+    training.train_base(model, disk_crops, tiny_loop(2), CPU, torch.Generator().manual_seed(0))
     assert spy.calls and all(bool((attrs == -1).all()) for _, attrs, _ in spy.calls)
 
 
 def test_cfg_stage_sees_true_labels_or_null(tiny_base, disk_crops):
-    model, _ = stages.load_model(tiny_base, CPU)
+    model, _ = diffusion.load_model(tiny_base, CPU)
     spy = Spy(model)
-    stages.train_base(model, disk_crops, tiny_loop(6), CPU, torch.Generator().manual_seed(0), None,
-                      cfg_dropout=0.5)
+    training.train_base(model, disk_crops, tiny_loop(6), CPU, torch.Generator().manual_seed(0), cfg_dropout=0.5)
     rows = torch.cat([attrs for _, attrs, _ in spy.calls])
     labels = set(map(tuple, disk_crops.attrs.tolist()))
     assert (rows >= 0).any() and (rows == -1).any()
@@ -122,9 +122,9 @@ def test_cfg_stage_sees_true_labels_or_null(tiny_base, disk_crops):
 def test_lora_stage_conditions_only_on_its_own_attribute(tiny_base, disk_crops):
     """A LoRA for texture=part_solid sees texture = part_solid and every other attribute null, on crops that
     carry the value (the disk crops also have margin labels: they must not leak into the conditioning)."""
-    model, _ = stages.load_model(tiny_base, CPU)
+    model, _ = diffusion.load_model(tiny_base, CPU)
     spy = Spy(model)
-    stages.train_lora(model, disk_crops, "texture", "part_solid", 2, 2.0, tiny_loop(3), CPU,
+    training.train_lora(model, disk_crops, "texture", "part_solid", 2, 2.0, tiny_loop(3), CPU,
                       torch.Generator().manual_seed(0))
     assert len(spy.calls) == 3
     for _, attrs, _ in spy.calls:
@@ -135,12 +135,12 @@ def test_lora_stage_conditions_only_on_its_own_attribute(tiny_base, disk_crops):
 def test_compose_stage_teacher_sees_one_attribute_student_sees_all(tiny_base, disk_crops):
     """[OURS Eq. 2] L_preserve distils adapter k alone with its own token (teacher, no grad) into the composed
     model conditioned on every composed attribute (student)."""
-    model, payload = stages.load_model(tiny_base, CPU)
+    model, payload = diffusion.load_model(tiny_base, CPU)
     names = ["texture=solid", "margin=smooth"]
     for name in names:
-        lora.inject_lora(model.unet, stages.LORA_TARGETS, name, 2, 2.0)
+        lora.inject_lora(model.unet, diffusion.LORA_TARGETS, name, 2, 2.0)
     spy = Spy(model)
-    stages.train_compose(model, disk_crops, names, "ortho", tiny_loop(2, ema_decay=0.0), CPU,
+    training.train_compose(model, disk_crops, names, "ortho", tiny_loop(2, ema_decay=0.0), CPU,
                          torch.Generator().manual_seed(0), 1.0, 0.1, 0.0)
     teachers = [attrs for _, attrs, grad in spy.calls if not grad]
     students = [attrs for _, attrs, grad in spy.calls if grad]
@@ -155,20 +155,20 @@ def test_compose_stage_teacher_sees_one_attribute_student_sees_all(tiny_base, di
 @pytest.mark.parametrize("stage", ["base", "lora", "compose"])
 def test_every_stage_draws_t_from_0_to_T_minus_1(tiny_base, disk_crops, stage):
     """t ~ U{0, …, T−1} [DDPM Alg. 1 l.3] in every training objective: with T = 4 all four values occur."""
-    model, _ = stages.load_model(tiny_base, CPU)
+    model, _ = diffusion.load_model(tiny_base, CPU)
     _short_chain(model)
     gen = torch.Generator().manual_seed(0)
     if stage == "compose":
         for name in ("texture=solid", "margin=smooth"):
-            lora.inject_lora(model.unet, stages.LORA_TARGETS, name, 2, 2.0)
+            lora.inject_lora(model.unet, diffusion.LORA_TARGETS, name, 2, 2.0)
     spy = Spy(model)
     loop = tiny_loop(12, batch_size=4, ema_decay=0.0)
     if stage == "base":
-        stages.train_base(model, disk_crops, loop, CPU, gen, None)
+        training.train_base(model, disk_crops, loop, CPU, gen)
     elif stage == "lora":
-        stages.train_lora(model, disk_crops, "texture", "solid", 2, 2.0, loop, CPU, gen)
+        training.train_lora(model, disk_crops, "texture", "solid", 2, 2.0, loop, CPU, gen)
     else:
-        stages.train_compose(model, disk_crops, ["texture=solid", "margin=smooth"], "ortho", loop, CPU, gen,
+        training.train_compose(model, disk_crops, ["texture=solid", "margin=smooth"], "ortho", loop, CPU, gen,
                              1.0, 0.0, 0.0)
     drawn = set(torch.cat([t for t, _, _ in spy.calls]).tolist())
     assert drawn == {0, 1, 2, 3}
@@ -284,19 +284,19 @@ def test_boxes_are_clipped_to_width_in_x_and_height_in_y():
 
 # ----------------------------------------------------------------------------------------------- data specs
 def test_phantom_records_are_generated_once_per_seed_and_size(tmp_path):
-    first = stages.load_records("phantom", tmp_path, 3, 5, DEFAULT_VOCAB)
+    first = datasets.load_records("phantom", tmp_path, 3, 5, DEFAULT_VOCAB)
     csv_path = tmp_path / "phantom_seed5_n3" / "annotations.csv"
     assert len(first) == 3 and csv_path.is_file()
     stamp = csv_path.stat().st_mtime_ns
-    again = stages.load_records("phantom", tmp_path, 3, 5, DEFAULT_VOCAB)
+    again = datasets.load_records("phantom", tmp_path, 3, 5, DEFAULT_VOCAB)
     assert csv_path.stat().st_mtime_ns == stamp  # read back, not regenerated
     assert [r.image for r in again] == [r.image for r in first]
-    other = stages.load_records("phantom", tmp_path, 3, 6, DEFAULT_VOCAB)
+    other = datasets.load_records("phantom", tmp_path, 3, 6, DEFAULT_VOCAB)
     assert not np.array_equal(read_image(other[0].image), read_image(first[0].image))  # the seed matters
 
 
 def test_format_path_specs_are_read_by_the_dataset_loaders(disk_csv, tmp_path):
-    records = stages.load_records(f"csv:{disk_csv}", tmp_path, 999, 0, DEFAULT_VOCAB)
+    records = datasets.load_records(f"csv:{disk_csv}", tmp_path, 999, 0, DEFAULT_VOCAB)
     assert len(records) == 8 and not list(tmp_path.iterdir())  # nothing generated
 
 # ----------------------------------------------------------------------------------------------- oracles under CI
