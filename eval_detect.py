@@ -33,10 +33,10 @@ class EvalConfig:
     synthetic: str = ""  # folder written by sample.py (holds annotations.csv)
     ckpt: str = ""  # diagnose: base checkpoint
     attributes: str = "texture=ground_glass,margin=spiculated"  # diagnose: adapters to compare
-    spacing_mm: float = 1.4
-    seed: int = 0
-    device: str = "auto"
-    out_dir: str = "runs/demo/eval"
+    spacing_mm: float = 1.4  # working resolution in mm per pixel (must match training)
+    seed: int = 0  # seed of the real phantom images (test images use seed + 2) and of the detectors
+    device: str = "auto"  # auto | cpu | cuda
+    out_dir: str = "runs/demo/eval"  # reports, pictures and the phantom cache go here
 
 
 def synthetic_records(folder: str, vocab: dict):

@@ -43,8 +43,8 @@ class SampleConfig:
     attributes: str = ""  # e.g. texture=ground_glass,margin=spiculated (empty: no attribute control)
     strategy: str = "base"  # base | lora | linear | svd | ties | dare | ortho | ziplora | switch | composite | klora | cfg
     per_image: int = 1  # random nodules per image when there is no --requests
-    min_diameter_mm: float = 8.0
-    max_diameter_mm: float = 20.0
+    min_diameter_mm: float = 8.0  # random nodules: diameters uniform in [min, max] mm
+    max_diameter_mm: float = 20.0  # random nodules: largest diameter in mm
     steps: int = 50  # sampling steps
     sampler: str = "ddim"  # ddim | ddpm
     eta: float = 0.0  # DDIM η (0 = deterministic, 1 = DDPM-like)
@@ -52,8 +52,8 @@ class SampleConfig:
     compositional: bool = False  # CFG: one guidance term per attribute [Liu et al. 2022]
     spacing_mm: float = 1.4  # the model's working resolution (must match training)
     seed: int = 1  # phantom images use this seed too, so they differ from the training images (seed 0)
-    device: str = "auto"
-    out_dir: str = "runs/demo/synthetic"
+    device: str = "auto"  # auto | cpu | cuda
+    out_dir: str = "runs/demo/synthetic"  # images/, masks/, annotations.csv/.json, contact_sheet.png go here
 
 
 def read_requests(path: Path, vocab: dict, records, attributes: dict) -> dict:

@@ -70,16 +70,16 @@ class TrainConfig:
     data: str = "phantom"  # phantom, or FORMAT:PATH (jsrt, node21, nih, vindr, csv, coco)
     n_images: int = 300  # phantom images to generate for training (negatives included)
     spacing_mm: float = 1.4  # working resolution: every dataset is resampled to this many mm per pixel
-    out_dir: str = "runs/demo"
+    out_dir: str = "runs/demo"  # every output of the run goes under this folder
     ckpt: str = ""  # base checkpoint (lora, compose, cfg stages)
     resume: bool = False  # continue base/cfg training from <out_dir>/<stage>.pt
-    seed: int = 0
+    seed: int = 0  # one seed for data, initialisation and noise (phantom training data uses it too)
     device: str = "auto"  # auto | cpu | cuda
     attribute: str = ""  # lora stage: one attribute value, e.g. texture=ground_glass
     all_attributes: bool = False  # lora stage: one adapter per value of every attribute
     attributes: str = "texture=ground_glass,margin=spiculated"  # compose / all: values to compose (2 or 3)
     strategy: str = "ortho"  # compose stage: ortho | ziplora
-    lora_rank: int = 8
+    lora_rank: int = 8  # LoRA rank r of every adapter [LoRA §4.1]
     lora_alpha: float = 8.0  # scaling α/r = 1 at the default rank [LoRA §4.1]
     lora_init: str = "kaiming"  # kaiming | orthogonal_bases (fixed disjoint A per value, only B trains)
     lambda_orth: float = 1.0  # weight of L_orth [OURS]

@@ -11,9 +11,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import inspect
 import json
 import os
 import random
+import re
 import sys
 import types
 import typing
@@ -86,13 +88,28 @@ def _field_type(tp):
     return tp, None
 
 
+def field_comments(cls) -> dict[str, str]:
+    """{field: its trailing `# comment`} from the dataclass source: the one-line help text of each flag."""
+    try:
+        lines = inspect.getsource(cls).splitlines()
+    except (OSError, TypeError):  # no source (e.g. built in an interactive session)
+        return {}
+    out = {}
+    for line in lines:
+        match = re.match(r"\s+(\w+)\s*:[^#]*#\s*(.+)$", line)
+        if match:
+            out[match.group(1)] = match.group(2).strip()
+    return out
+
+
 def add_dataclass_args(parser: argparse.ArgumentParser, cls, help_text: dict[str, str] | None = None) -> None:
     """Add one typed `--name` flag per field of the dataclass `cls` (default: None = keep the dataclass default).
 
     bool -> --name / --no-name; tuple[int, ...] -> nargs='+'; Optional[...] fields accept their base type.
-    The help line shows the default and, when given, `help_text[name]` or the field's metadata["help"].
+    The help line shows the default and `help_text[name]`, the field's metadata["help"] or its `# comment`.
     """
     hints = typing.get_type_hints(cls)
+    comments = field_comments(cls)
     for f in dataclasses.fields(cls):
         base, elem = _field_type(hints[f.name])
         if f.default is not dataclasses.MISSING:
@@ -101,7 +118,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, help_text: dict[str
             default = f.default_factory()
         else:  # a required field: its flag has no default to show
             default = "required"
-        doc = (help_text or {}).get(f.name) or f.metadata.get("help", "")
+        doc = (help_text or {}).get(f.name) or f.metadata.get("help", "") or comments.get(f.name, "")
         kwargs: dict = {"default": None, "help": f"{doc} (default: {default})".strip()}
         if base is bool:
             kwargs["action"] = argparse.BooleanOptionalAction

@@ -35,7 +35,7 @@ LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out")  # attention projections [LoRA
 # ----------------------------------------------------------------------------------------------- model and loss
 @dataclass
 class DiffusionConfig:
-    num_train_timesteps: int = 1000
+    num_train_timesteps: int = 1000  # T, the length of the forward chain [DDPM §4]
     beta_schedule: str = "cosine"  # cosine keeps small 32-px crops from being pure noise too early [IDDPM §3.2]
     prediction_type: str = "epsilon"  # epsilon | v_prediction | sample
     mask_weight: float = 5.0  # loss weight inside dilate(M) relative to outside (1.0 = plain ε-MSE)

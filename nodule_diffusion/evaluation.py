@@ -44,8 +44,8 @@ METRICS = ("auc", "cpm", "ap50", "node21", "sens@0.25")
 class DetectConfig:
     image_size: int = 256  # detector input side (images are resampled to --spacing_mm, then resized to this)
     det_steps: int = 600  # optimiser steps per detector (same budget for every arm)
-    det_batch_size: int = 4
-    det_lr: float = 1e-3
+    det_batch_size: int = 4  # detector images per optimiser step
+    det_lr: float = 1e-3  # detector learning rate
     seeds: int = 3  # detectors per arm
     n_boot: int = 500  # bootstrap resamples for the CIs
     low_data: int = 0  # keep only this many real training images with nodules (0 = all); negatives kept

@@ -55,16 +55,16 @@ class EMA:
 
 @dataclass
 class LoopConfig:
-    steps: int = 800  # ≈ 6 min on a 2-core CPU at batch 16 with the default UNet
-    batch_size: int = 16
-    lr: float = 3e-4
+    steps: int = 800  # optimiser steps of the stage (≈ 6 min on a 2-core CPU at batch 16, default UNet)
+    batch_size: int = 16  # crops per optimiser step (per process under DDP)
+    lr: float = 3e-4  # AdamW learning rate after the warm-up (base and cfg stages)
     warmup: int = 100  # linear warm-up steps
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
+    weight_decay: float = 0.0  # AdamW weight decay
+    grad_clip: float = 1.0  # clip the gradient norm to this value (0 = off)
     ema_decay: float = 0.999  # 0 disables EMA
     bf16: bool = True  # bf16 autocast on CUDA only
-    log_every: int = 50
-    checkpoint_every: int = 500
+    log_every: int = 50  # a log.jsonl line every N steps (and at the last)
+    checkpoint_every: int = 500  # base/cfg checkpoint every N steps (and at the last)
     sample_every: int = 500  # sample grid PNG every N steps (0 = only at the end)
     extra: dict = field(default_factory=dict)
 

@@ -125,9 +125,9 @@ def test_roi_align_matches_torchvision(aligned, sampling_ratio):
         rois = torch.cat([torch.randint(0, 3, (40, 1), generator=g).float(), boxes], dim=1)
         for output_size in (1, 7, (2, 5)):
             ours = roi_align(features, rois, output_size, scale, sampling_ratio, aligned)
-            oracle = ops.roi_align(features, rois, output_size, scale, sampling_ratio, aligned)
-            assert ours.shape == oracle.shape
-            assert torch.allclose(ours, oracle, atol=1e-5), (H, W, scale, output_size)
+            reference = ops.roi_align(features, rois, output_size, scale, sampling_ratio, aligned)
+            assert ours.shape == reference.shape
+            assert torch.allclose(ours, reference, atol=1e-5), (H, W, scale, output_size)
 
 
 def test_roi_align_gradient_gradcheck_and_torchvision():
@@ -139,8 +139,8 @@ def test_roi_align_gradient_gradcheck_and_torchvision():
     ops = oracle("torchvision.ops", reason="torchvision is the oracle")
     weights = torch.randn(3, 2, 3, 2, dtype=torch.float64)
     ours = torch.autograd.grad((roi_align(features, rois, (3, 2), 1.0, 2) * weights).sum(), features)[0]
-    oracle = torch.autograd.grad((ops.roi_align(features, rois, (3, 2), 1.0, 2) * weights).sum(), features)[0]
-    assert torch.allclose(ours, oracle, atol=1e-10)
+    reference = torch.autograd.grad((ops.roi_align(features, rois, (3, 2), 1.0, 2) * weights).sum(), features)[0]
+    assert torch.allclose(ours, reference, atol=1e-10)
 
 
 # --------------------------------------------------------------------------------------------------- the model

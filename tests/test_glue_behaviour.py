@@ -307,3 +307,40 @@ def test_a_missing_oracle_fails_under_ci_and_skips_elsewhere(monkeypatch):
     monkeypatch.delenv("CI")
     with pytest.raises(pytest.skip.Exception):
         oracle("no_such_oracle_module", "a test of the helper")
+
+
+# ----------------------------------------------------------------------------------------------- users
+@pytest.mark.parametrize("script", ["train", "sample", "eval_detect"])
+def test_every_flag_of_every_script_has_a_help_line(script, capsys):
+    """`--help` explains each flag (from the dataclass field comments), not only its default."""
+    import dataclasses
+    import importlib
+
+    from nodule_diffusion.common import field_comments
+
+    module = importlib.import_module(script)
+    with pytest.raises(SystemExit):
+        module.main(["detect", "--help"] if script == "eval_detect" else ["--help"])
+    text = capsys.readouterr().out
+    assert "Examples:" in text
+    configs = {"train": module.CONFIGS if script == "train" else (),
+               "sample": (getattr(module, "SampleConfig", None),),
+               "eval_detect": (getattr(module, "EvalConfig", None),)}[script]
+    for cls in filter(None, configs):
+        missing = [f.name for f in dataclasses.fields(cls) if f.type != "dict" and f.name not in field_comments(cls)]
+        assert not missing, (cls.__name__, missing)
+
+
+def test_progress_bars_do_not_flood_a_file():
+    """On a non-terminal stream the bars update at most once a minute: a 5000-step loop writes a few lines."""
+    import io
+
+    from tqdm import tqdm
+
+    from nodule_diffusion.common import progress_options
+
+    stream = io.StringIO()
+    for _ in tqdm(range(5000), file=stream, **progress_options(stream)):
+        pass
+    assert stream.getvalue().count("\r") <= 3
+    assert progress_options(type("Tty", (), {"isatty": lambda self: True})()) == {}
