@@ -242,8 +242,8 @@ def run_all(train, loop, unet_cfg, diffusion_cfg, detect, demo: DemoConfig) -> d
     device = common.resolve_device(train.device)
     generate, model = synthesis.build_generator(str(base), "ortho", attributes, out / "lora", device, steps=25)
     pool = datasets.load_records("phantom", out / "data", demo.synthetic_images, train.seed + 1, model.vocab)
-    synthetic = synthesis.synthesize(pool, generate, out / "synthetic", model.vocab, train.spacing_mm, unet_cfg.crop_size,
-                           attributes, 1, (8.0, 20.0), train.seed)
+    synthetic = synthesis.synthesize(pool, generate, out / "synthetic", model.vocab, train.spacing_mm,
+                                     unet_cfg.crop_size, attributes, 1, (8.0, 20.0), train.seed)
     print("== 5/5 detectors: real only vs real + synthetic")
     real = datasets.load_records("phantom", out / "data", train.n_images, train.seed, model.vocab)
     real = evaluation.low_data_subset(real, detect.low_data, train.seed)

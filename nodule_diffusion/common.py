@@ -9,6 +9,7 @@ interrupted run never leaves a half-written file behind.
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import dataclasses
 import inspect
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 CHECKPOINT_FORMAT_VERSION = 1
 
@@ -234,8 +236,6 @@ def write_json(path: str | Path, obj) -> Path:
 
 def save_image_png(path: str | Path, image: np.ndarray) -> Path:
     """Write a float image in [0, 1] (H, W) as 16-bit PNG, or (H, W, 3) uint8 RGB as 8-bit PNG, atomically."""
-    from PIL import Image
-
     arr = np.asarray(image)
     if arr.ndim == 2 and arr.dtype != np.uint8:
         pil = Image.fromarray(np.round(np.clip(arr, 0, 1) * 65535).astype(np.uint16))
@@ -301,8 +301,6 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     """Restore what `rng_state()` saved (CUDA states only when present and a GPU is available)."""
-    import ast
-
     random.setstate(ast.literal_eval(state["python"]))
     np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"],
                          state.get("numpy_has_gauss", 0), state.get("numpy_cached_gaussian", 0.0)))

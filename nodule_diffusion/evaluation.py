@@ -33,7 +33,8 @@ from nodule_diffusion import compose, datasets, lora, metrics
 from nodule_diffusion.common import atomic_path, seed_everything, write_json
 from nodule_diffusion.data import DataError, NoduleCrops, crop_at, load_record, read_image
 from nodule_diffusion.detector import DetectorConfig, FasterRCNN, predict_all, train_detector
-from nodule_diffusion.diffusion import adapter_names, attr_tensor, composed_path, load_lora, load_model, parse_attributes
+from nodule_diffusion.diffusion import (adapter_names, attr_tensor, composed_path, load_lora, load_model,
+                                        parse_attributes)
 from nodule_diffusion.judge import AttributeJudge, JudgeConfig, attribute_accuracy, train_judge
 from nodule_diffusion.synthesis import contact_sheet
 

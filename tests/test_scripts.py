@@ -61,7 +61,8 @@ def bad_input_files(tmp_path_factory, tiny_base, disk_crops, disk_csv) -> dict[s
     model, payload = diffusion.load_model(tiny_base, torch.device("cpu"))
     training.train_lora(model, disk_crops, "texture", "solid", 2, 2.0, tiny_loop(1), torch.device("cpu"),
                       torch.Generator().manual_seed(0))
-    diffusion.save_lora(root / "lora_of_base_a" / "texture=solid.pt", model, "texture=solid", payload["fingerprint"], {})
+    diffusion.save_lora(root / "lora_of_base_a" / "texture=solid.pt", model, "texture=solid", payload["fingerprint"],
+                        {})
     train_tiny_base(root / "base_b" / "base.pt", disk_crops, seed=1, steps=2)
 
     # An annotation CSV whose third row has x1 < x0 (image paths absolute, so the CSV may live anywhere).
