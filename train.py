@@ -1,7 +1,9 @@
 """Train the nodule synthesis models, one stage at a time, or the whole demo pipeline.
 
 Stages (design §1): base (mask-conditioned inpainting model) → lora (one adapter per attribute value) →
-compose (orthogonality-regularised composition of two or three adapters) ; cfg is the baseline.
+compose (orthogonality-regularised composition of two or three adapters) ; cfg is the baseline. `--stage all`
+(run_all, with the --preset defaults) runs every stage, then sample.py's and eval_detect.py's steps, in-process.
+This script only chooses what runs and which files it reads; training.fit writes checkpoints, logs and grids.
 
 Examples:
     python train.py --stage all --preset demo --out_dir runs/demo          # everything, then sample + evaluate
@@ -20,12 +22,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-
-import time
 
 from nodule_diffusion import common, datasets, diffusion, evaluation, synthesis, training
 from nodule_diffusion.data import DEFAULT_VOCAB, NoduleCrops
@@ -162,7 +163,8 @@ def train_full(train, loop, model, crops, device, generator, log, rank) -> Path:
         model.load_state_dict(resumed.state_dict())
         state = payload["loop"]
         print(f"resuming {path} at step {state['step']}")
-    files = RunFiles(log, train.stage, path, train.stage, {"train": train, "loop": loop}, crops)
+    files = RunFiles(log=log, stage=train.stage, checkpoint=path, kind=train.stage,
+                     train_config={"train": train, "loop": loop}, grid_crops=crops)
     dropout = train.cfg_dropout if train.stage == "cfg" else None
     training.train_base(model, crops, loop, device, generator, state, dropout, rank, files)
     print(f"wrote {path}")
@@ -184,7 +186,7 @@ def train_loras(train, loop, model, crops, device, generator, log, base_fp) -> l
             model = diffusion.load_model(train.ckpt, device)[0]
         training.train_lora(model, crops, attribute, value, train.lora_rank, train.lora_alpha,
                             replace(loop, lr=train.lora_lr), device, generator, train.lora_init,
-                            RunFiles(log, f"lora {name}"))
+                            RunFiles(log=log, stage=f"lora {name}"))
         path = Path(train.out_dir) / "lora" / f"{name}.pt"
         path.parent.mkdir(parents=True, exist_ok=True)
         diffusion.save_lora(path, model, name, base_fp, {"attribute": attribute, "value": value,
@@ -210,7 +212,8 @@ def train_composition(train, loop, model, crops, device, generator, log, base_fp
         diffusion.load_lora(Path(train.out_dir) / "lora" / f"{name}.pt", model, base_fp, name)
     loop = replace(loop, lr=train.compose_lr)
     training.train_compose(model, crops, names, train.strategy, loop, device, generator, train.lambda_orth,
-                           train.lambda_attn, train.lambda_zip, RunFiles(log, f"compose {train.strategy}"))
+                           train.lambda_attn, train.lambda_zip,
+                           RunFiles(log=log, stage=f"compose {train.strategy}"))
     path = diffusion.composed_path(Path(train.out_dir), train.strategy, names)
     training.save_composed(path, model, names, base_fp, {"strategy": train.strategy, "steps": loop.steps,
                                                          "lambda_orth": train.lambda_orth,

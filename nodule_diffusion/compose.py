@@ -28,6 +28,7 @@ Papers
     [TIES]      Yadav et al. 2023, arXiv:2306.01708        [DARE]    Yu et al. 2024, arXiv:2311.03099
     [MultiLoRA] Zhong et al. 2024, arXiv:2402.16843        [K-LoRA]  Ouyang et al. CVPR 2025, arXiv:2502.18461
     [ZipLoRA]   Shah et al. 2023, arXiv:2311.13600         [CLoRA]   Meral et al. 2024, arXiv:2403.19776
+    [CFG]       Ho & Salimans 2022, arXiv:2207.12598       [Liu et al. 2022] composable diffusion, arXiv:2206.01714
     [OURS]      notes/method.md §3 (the paper, arXiv 2603.01659, publishes no formula): L = L_preserve
                 + λ_o·L_orth + λ_a·L_attn                                                    [OURS Eq. 1]
 

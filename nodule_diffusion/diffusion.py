@@ -7,7 +7,7 @@ Papers: [DDPM] arXiv:2006.11239, [IDDPM] arXiv:2102.09672, [LoRA] arXiv:2106.096
     denoising_loss     ε-MSE (or v / x0 target) up-weighted inside the dilated nodule mask   [DDPM Eq. 14]
     save_model / load_model / fingerprint / loop_state_dict   model checkpoints, rebuilt from the file alone
     save_lora / load_lora / composed_path     adapter files with the attribute tokens they need
-    parse_attributes / attr_tensor / only / subset_of / adapter_names
+    check_value / parse_attributes / adapter_names / attr_tensor / only / subset_of
                        the one attribute-vocabulary path: "texture=solid,…" → validated dict → (B, K) rows
 
 Attribute rows: attrs (B, K) int64, column k = value index of the k-th vocabulary attribute, −1 = null token.
@@ -88,14 +88,19 @@ def denoising_loss(model, scheduler, batch: dict, mask_weight: float, generator:
 
 
 # ----------------------------------------------------------------------------------------------- attribute vocabulary
+def check_value(attribute: str, value: str, vocab: dict, where: str = "--attributes") -> None:
+    """DataError naming `where` and every allowed value unless `attribute=value` is in the vocabulary."""
+    if attribute not in vocab or value not in vocab[attribute]:
+        allowed = "; ".join(f"{a}={'|'.join(v)}" for a, v in vocab.items())
+        raise DataError(f"{where}: unknown attribute value {attribute}={value}; allowed: {allowed}")
+
+
 def parse_attributes(text: str, vocab: dict) -> dict[str, str]:
     """'texture=ground_glass,margin=spiculated' -> dict, validated against the vocabulary."""
     out = {}
     for item in filter(None, (s.strip() for s in text.split(","))):
         name, _, value = item.partition("=")
-        if name not in vocab or value not in vocab[name]:
-            allowed = "; ".join(f"{a}={'|'.join(v)}" for a, v in vocab.items())
-            raise DataError(f"--attributes: unknown value {item!r}; allowed: {allowed}")
+        check_value(name, value, vocab)
         out[name] = value
     return out
 
@@ -112,9 +117,7 @@ def attr_tensor(attributes: dict[str, str], vocab: dict, n: int, device) -> torc
 
 def subset_of(crops: NoduleCrops, vocab: dict, attribute: str, value: str) -> torch.Tensor:
     """Indices of crops whose `attribute` equals `value`; DataError when there are none."""
-    if attribute not in vocab or value not in vocab[attribute]:
-        allowed = "; ".join(f"{a}={'|'.join(v)}" for a, v in vocab.items())
-        raise DataError(f"unknown attribute value {attribute}={value}; allowed: {allowed}")
+    check_value(attribute, value, vocab, "LoRA stage")
     k = list(vocab).index(attribute)
     idx = torch.nonzero(crops.attrs[:, k] == vocab[attribute].index(value)).flatten()
     if len(idx) == 0:
