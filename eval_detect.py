@@ -20,7 +20,7 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-from nodule_diffusion import common, diagnostics, evaluation, pipeline, stages
+from nodule_diffusion import common, datasets, evaluation
 from nodule_diffusion.data import DEFAULT_VOCAB, DataError, read_annotations
 
 
@@ -33,10 +33,10 @@ class EvalConfig:
     synthetic: str = ""  # folder written by sample.py (holds annotations.csv)
     ckpt: str = ""  # diagnose: base checkpoint
     attributes: str = "texture=ground_glass,margin=spiculated"  # diagnose: adapters to compare
-    spacing_mm: float = 1.4
-    seed: int = 0
-    device: str = "auto"
-    out_dir: str = "runs/demo/eval"
+    spacing_mm: float = 1.4  # working resolution in mm per pixel (must match training)
+    seed: int = 0  # seed of the real phantom images (test images use seed + 2) and of the detectors
+    device: str = "auto"  # auto | cpu | cuda
+    out_dir: str = "runs/demo/eval"  # reports, pictures and the phantom cache go here
 
 
 def synthetic_records(folder: str, vocab: dict):
@@ -51,11 +51,11 @@ def synthetic_records(folder: str, vocab: dict):
 def detect(cfg: EvalConfig, det: evaluation.DetectConfig, device) -> None:
     out = Path(cfg.out_dir)
     data = out / "data"
-    real = stages.load_records(cfg.real, data, cfg.n_images, cfg.seed, DEFAULT_VOCAB)
+    real = datasets.load_records(cfg.real, data, cfg.n_images, cfg.seed, DEFAULT_VOCAB)
     real = evaluation.low_data_subset(real, det.low_data, cfg.seed)
-    test = stages.load_records(cfg.test, data, cfg.test_images, cfg.seed + 2, DEFAULT_VOCAB)
+    test = datasets.load_records(cfg.test, data, cfg.test_images, cfg.seed + 2, DEFAULT_VOCAB)
     synthetic = synthetic_records(cfg.synthetic, DEFAULT_VOCAB)
-    report = pipeline.evaluate_detection(real, synthetic, test, det, cfg.spacing_mm, device, out)
+    report = evaluation.evaluate_detection(real, synthetic, test, det, cfg.spacing_mm, device, out)
     common.write_json(out / "report.json", report)
     (out / "report.md").write_text((out / "report_detect.md").read_text() + "\n![FROC](froc.png)\n")
     print((out / "report.md").read_text())
@@ -65,13 +65,13 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["detect", "attributes", "diagnose"])
     parser.add_argument("--config", help="JSON file of flag values")
-    for cls in (EvalConfig, evaluation.DetectConfig, diagnostics.JudgeSettings):
+    for cls in (EvalConfig, evaluation.DetectConfig, evaluation.JudgeSettings):
         common.add_dataclass_args(parser, cls)
     args = parser.parse_args(argv)
     file_cfg = common.read_config_file(args.config)
     cfg = common.config_from_args(EvalConfig, args, file_cfg)
     det = common.config_from_args(evaluation.DetectConfig, args, file_cfg)
-    judge = common.config_from_args(diagnostics.JudgeSettings, args, file_cfg)
+    judge = common.config_from_args(evaluation.JudgeSettings, args, file_cfg)
     common.print_config(cfg)
     common.seed_everything(cfg.seed)
     device = common.resolve_device(cfg.device)
@@ -79,14 +79,14 @@ def main(argv=None) -> None:
     if args.command == "detect":
         detect(cfg, det, device)
     elif args.command == "attributes":
-        real = stages.load_records(cfg.real, Path(cfg.out_dir) / "data", cfg.n_images, cfg.seed, DEFAULT_VOCAB)
-        result = diagnostics.attribute_report(real, synthetic_records(cfg.synthetic, DEFAULT_VOCAB), DEFAULT_VOCAB,
+        real = datasets.load_records(cfg.real, Path(cfg.out_dir) / "data", cfg.n_images, cfg.seed, DEFAULT_VOCAB)
+        result = evaluation.attribute_report(real, synthetic_records(cfg.synthetic, DEFAULT_VOCAB), DEFAULT_VOCAB,
                                               cfg.spacing_mm, judge, device, Path(cfg.out_dir))
         print((Path(cfg.out_dir) / "attributes.md").read_text() if result else "")
     else:
         if not cfg.ckpt:
             raise DataError("diagnose needs --ckpt (the base checkpoint next to lora/ and compose/)")
-        diagnostics.diagnose(cfg.ckpt, cfg.attributes, Path(cfg.out_dir), device, cfg.seed)
+        evaluation.diagnose(cfg.ckpt, cfg.attributes, Path(cfg.out_dir), device, cfg.seed)
         print((Path(cfg.out_dir) / "diagnose.md").read_text())
 
 

@@ -27,8 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-from nodule_diffusion import common, control, pipeline, stages
-from nodule_diffusion.data import DataError
+from nodule_diffusion import common, datasets, synthesis
+from nodule_diffusion.data import DataError, read_image
+from nodule_diffusion.diffusion import load_model, parse_attributes
 from nodule_diffusion.synthesis import Request
 
 
@@ -42,8 +43,8 @@ class SampleConfig:
     attributes: str = ""  # e.g. texture=ground_glass,margin=spiculated (empty: no attribute control)
     strategy: str = "base"  # base | lora | linear | svd | ties | dare | ortho | ziplora | switch | composite | klora | cfg
     per_image: int = 1  # random nodules per image when there is no --requests
-    min_diameter_mm: float = 8.0
-    max_diameter_mm: float = 20.0
+    min_diameter_mm: float = 8.0  # random nodules: diameters uniform in [min, max] mm
+    max_diameter_mm: float = 20.0  # random nodules: largest diameter in mm
     steps: int = 50  # sampling steps
     sampler: str = "ddim"  # ddim | ddpm
     eta: float = 0.0  # DDIM η (0 = deterministic, 1 = DDPM-like)
@@ -51,8 +52,8 @@ class SampleConfig:
     compositional: bool = False  # CFG: one guidance term per attribute [Liu et al. 2022]
     spacing_mm: float = 1.4  # the model's working resolution (must match training)
     seed: int = 1  # phantom images use this seed too, so they differ from the training images (seed 0)
-    device: str = "auto"
-    out_dir: str = "runs/demo/synthetic"
+    device: str = "auto"  # auto | cpu | cuda
+    out_dir: str = "runs/demo/synthetic"  # images/, masks/, annotations.csv/.json, contact_sheet.png go here
 
 
 def read_requests(path: Path, vocab: dict, records, attributes: dict) -> dict:
@@ -80,11 +81,10 @@ def read_requests(path: Path, vocab: dict, records, attributes: dict) -> dict:
         spacing = known[image].spacing_mm or 1.0
         mask = None
         if row.get("mask"):
-            from nodule_diffusion.data import read_image
             mask = read_image(path.parent / row["mask"]) > 0
         if diameter is None and mask is None:
             raise DataError(f"{where}: give diameter_mm or mask")
-        attrs = control.parse_attributes(",".join(f"{a}={row[a]}" for a in vocab if row.get(a)), vocab)
+        attrs = parse_attributes(",".join(f"{a}={row[a]}" for a in vocab if row.get(a)), vocab)
         if any(attributes.get(a) != v for a, v in attrs.items()):
             raise DataError(f"{where}: attributes {attrs} differ from --attributes {attributes}; run sample.py "
                             f"once per attribute set")
@@ -104,20 +104,20 @@ def main(argv=None) -> None:
     device = common.resolve_device(cfg.device)
     common.seed_everything(cfg.seed)
     lora_dir = Path(cfg.lora_dir) if cfg.lora_dir else Path(cfg.ckpt).parent / "lora"
-    model, payload = stages.load_model(cfg.ckpt, "cpu")
+    model, payload = load_model(cfg.ckpt, "cpu")
     vocab, crop_size = model.vocab, model.unet_config.crop_size
-    attributes = control.parse_attributes(cfg.attributes, vocab)
-    generate, _ = control.build_generator(cfg.ckpt, cfg.strategy, attributes, lora_dir, device, cfg.steps,
-                                          cfg.eta, cfg.sampler, cfg.guidance, cfg.compositional)
+    attributes = parse_attributes(cfg.attributes, vocab)
+    generate, _ = synthesis.build_generator(cfg.ckpt, cfg.strategy, attributes, lora_dir, device, cfg.steps,
+                                              cfg.eta, cfg.sampler, cfg.guidance, cfg.compositional)
     out = Path(cfg.out_dir)
-    records = stages.load_records(cfg.images, out / "data", cfg.n_images, cfg.seed, vocab)
+    records = datasets.load_records(cfg.images, out / "data", cfg.n_images, cfg.seed, vocab)
     requests = None
     if cfg.requests:
         requests = read_requests(Path(cfg.requests), vocab, records, attributes)
         records = [r for r in records if str(r.image) in requests]
     common.write_json(out / "config.json", {"sample": cfg, "base_fingerprint": payload["fingerprint"]})
-    result = pipeline.synthesize(records, generate, out, vocab, cfg.spacing_mm, crop_size, attributes,
-                                 cfg.per_image, (cfg.min_diameter_mm, cfg.max_diameter_mm), cfg.seed, requests)
+    result = synthesis.synthesize(records, generate, out, vocab, cfg.spacing_mm, crop_size, attributes,
+                                  cfg.per_image, (cfg.min_diameter_mm, cfg.max_diameter_mm), cfg.seed, requests)
     n = sum(1 for r in result for nod in r.nodules if nod.extra.get("synthetic") == "1")
     print(f"inserted {n} nodules into {len(result)} images -> {out / 'annotations.csv'}, "
           f"{out / 'annotations.json'}, {out / 'contact_sheet.png'}")

@@ -1,7 +1,9 @@
 """Train the nodule synthesis models, one stage at a time, or the whole demo pipeline.
 
 Stages (design §1): base (mask-conditioned inpainting model) → lora (one adapter per attribute value) →
-compose (orthogonality-regularised composition of two or three adapters) ; cfg is the baseline.
+compose (orthogonality-regularised composition of two or three adapters) ; cfg is the baseline. `--stage all`
+(run_all, with the --preset defaults) runs every stage, then sample.py's and eval_detect.py's steps, in-process.
+This script only chooses what runs and which files it reads; training.fit writes checkpoints, logs and grids.
 
 Examples:
     python train.py --stage all --preset demo --out_dir runs/demo          # everything, then sample + evaluate
@@ -20,16 +22,46 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from nodule_diffusion import common, control, pipeline, stages
+from nodule_diffusion import common, datasets, diffusion, evaluation, synthesis, training
 from nodule_diffusion.data import DEFAULT_VOCAB, NoduleCrops
+from nodule_diffusion.diffusion import DiffusionConfig, DiffusionModel
 from nodule_diffusion.evaluation import DetectConfig
-from nodule_diffusion.training import DiffusionConfig, DiffusionModel, LoopConfig
+from nodule_diffusion.training import LoopConfig, RunFiles
 from nodule_diffusion.unet import UNetConfig
+
+
+# Presets: defaults for `--stage all` (explicit flags still win). Budgets: design §7.
+# UNet and loop sizes measured on a 2-core laptop-class CPU (README "Measured"); attention only at 8×8 (level 2)
+# and in the middle block keeps a step near 0.5 s at batch 16.
+PRESETS = {
+    "demo": {"steps": 400, "batch_size": 16, "n_images": 300, "attention_levels": [2], "lora_steps": 100,
+             "compose_steps": 30, "det_steps": 250, "seeds": 1, "synthetic_images": 100, "test_images": 120,
+             "low_data": 40, "n_boot": 200, "sample_every": 200, "checkpoint_every": 200,
+             "attributes": "texture=ground_glass,margin=spiculated"},
+    "benchmark": {"steps": 2500, "batch_size": 32, "n_images": 600, "attention_levels": [2], "lora_steps": 300,
+                  "compose_steps": 60, "det_steps": 500, "seeds": 3, "synthetic_images": 150,
+                  "test_images": 150, "low_data": 50, "attributes": "texture=ground_glass,margin=spiculated"},
+}
+
+
+def preset(name: str) -> dict:
+    if name not in PRESETS:
+        raise common.DataError(f"--preset {name!r}: choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+@dataclass
+class DemoConfig:
+    lora_steps: int = 300  # optimiser steps per attribute LoRA
+    compose_steps: int = 100  # composition-training steps
+    synthetic_images: int = 150  # held-out phantom images that receive one synthetic nodule each
+    test_images: int = 150  # held-out phantom test images for the detectors
 
 
 @dataclass
@@ -39,16 +71,16 @@ class TrainConfig:
     data: str = "phantom"  # phantom, or FORMAT:PATH (jsrt, node21, nih, vindr, csv, coco)
     n_images: int = 300  # phantom images to generate for training (negatives included)
     spacing_mm: float = 1.4  # working resolution: every dataset is resampled to this many mm per pixel
-    out_dir: str = "runs/demo"
+    out_dir: str = "runs/demo"  # every output of the run goes under this folder
     ckpt: str = ""  # base checkpoint (lora, compose, cfg stages)
     resume: bool = False  # continue base/cfg training from <out_dir>/<stage>.pt
-    seed: int = 0
+    seed: int = 0  # one seed for data, initialisation and noise (phantom training data uses it too)
     device: str = "auto"  # auto | cpu | cuda
     attribute: str = ""  # lora stage: one attribute value, e.g. texture=ground_glass
     all_attributes: bool = False  # lora stage: one adapter per value of every attribute
     attributes: str = "texture=ground_glass,margin=spiculated"  # compose / all: values to compose (2 or 3)
     strategy: str = "ortho"  # compose stage: ortho | ziplora
-    lora_rank: int = 8
+    lora_rank: int = 8  # LoRA rank r of every adapter [LoRA §4.1]
     lora_alpha: float = 8.0  # scaling α/r = 1 at the default rank [LoRA §4.1]
     lora_init: str = "kaiming"  # kaiming | orthogonal_bases (fixed disjoint A per value, only B trains)
     lambda_orth: float = 1.0  # weight of L_orth [OURS]
@@ -60,7 +92,7 @@ class TrainConfig:
     vocab: str = ""  # JSON file with the attribute vocabulary (default: texture, margin, calcification)
 
 
-CONFIGS = (TrainConfig, LoopConfig, UNetConfig, DiffusionConfig, DetectConfig, pipeline.DemoConfig)
+CONFIGS = (TrainConfig, LoopConfig, UNetConfig, DiffusionConfig, DetectConfig, DemoConfig)
 
 
 def parse_args(argv=None):
@@ -71,27 +103,27 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     file_cfg = common.read_config_file(args.config)
     train = common.config_from_args(TrainConfig, args, file_cfg)
-    merged = {**(pipeline.preset(train.preset) if train.preset else {}), **file_cfg}
+    merged = {**(preset(train.preset) if train.preset else {}), **file_cfg}
     return [common.config_from_args(cls, args, merged) for cls in CONFIGS]
 
 
 def main(argv=None) -> None:
-    train, loop, unet_cfg, diffusion, detect, demo = parse_args(argv)
+    train, loop, unet_cfg, diffusion_cfg, detect, demo = parse_args(argv)
     out = Path(train.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    common.print_config(train, loop, unet_cfg, diffusion)
+    common.print_config(train, loop, unet_cfg, diffusion_cfg)
     common.write_json(out / f"config_{train.stage}.json",
-                      {"train": train, "loop": loop, "unet": unet_cfg, "diffusion": diffusion})
+                      {"train": train, "loop": loop, "unet": unet_cfg, "diffusion": diffusion_cfg})
     if train.stage == "all":
         common.print_config(detect, demo)
-        pipeline.run_all(train, loop, unet_cfg, diffusion, detect, demo, run_stage)
+        run_all(train, loop, unet_cfg, diffusion_cfg, detect, demo)
     else:
-        run_stage(train, loop, unet_cfg, diffusion)
+        run_stage(train, loop, unet_cfg, diffusion_cfg)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
 
-def run_stage(train: TrainConfig, loop: LoopConfig, unet_cfg: UNetConfig, diffusion: DiffusionConfig) -> list:
+def run_stage(train: TrainConfig, loop: LoopConfig, unet_cfg: UNetConfig, diffusion_cfg: DiffusionConfig) -> list:
     """Run one training stage; returns the paths written."""
     device = common.resolve_device(train.device)
     rank, world = common.init_distributed(device)
@@ -102,15 +134,15 @@ def run_stage(train: TrainConfig, loop: LoopConfig, unet_cfg: UNetConfig, diffus
     if train.stage in ("lora", "compose", "cfg"):
         if not train.ckpt:
             raise common.DataError(f"--stage {train.stage} needs --ckpt (a base checkpoint from --stage base)")
-        model, payload = stages.load_model(train.ckpt, device)
+        model, payload = diffusion.load_model(train.ckpt, device)
         vocab, unet_cfg = model.vocab, model.unet_config
     elif train.stage == "base":
-        model, payload = DiffusionModel(unet_cfg, vocab, diffusion).to(device), None
+        model, payload = DiffusionModel(unet_cfg, vocab, diffusion_cfg).to(device), None
     else:
         raise common.DataError(f"--stage {train.stage!r}: choose base, lora, compose, cfg or all")
     if train.stage == "lora" and train.attribute:  # validate before the (slow) data loading
-        control.parse_attributes(train.attribute, vocab)
-    records = stages.load_records(train.data, out / "data", train.n_images, train.seed, vocab)
+        diffusion.parse_attributes(train.attribute, vocab)
+    records = datasets.load_records(train.data, out / "data", train.n_images, train.seed, vocab)
     crops = NoduleCrops(records, vocab, unet_cfg.crop_size, train.spacing_mm, augment=True, progress=rank == 0)
     print(f"{len(crops)} nodule crops of {unet_cfg.crop_size}px from {len(records)} images")
     log = common.JsonlLogger(out / "log.jsonl", enabled=rank == 0)
@@ -122,34 +154,19 @@ def run_stage(train: TrainConfig, loop: LoopConfig, unet_cfg: UNetConfig, diffus
     return [train_composition(train, loop, model, crops, device, generator, log, base_fp)]
 
 
-def logger_for(log, loop: LoopConfig, stage: str, extra=None):
-    def on_step(step, state):
-        if step % loop.log_every == 0 or step == loop.steps:
-            log.log(stage=stage, step=step, loss=state["loss"], **(state.get("extras") or {}))
-        if extra is not None:
-            extra(step, state)
-    return on_step
-
-
 def train_full(train, loop, model, crops, device, generator, log, rank) -> Path:
-    """Base or CFG stage, with periodic atomic checkpoints, sample grids and exact resume."""
+    """Base or CFG stage; training.fit writes the periodic atomic checkpoints, sample grids and log lines."""
     path = Path(train.out_dir) / f"{train.stage}.pt"
     state = None
     if train.resume and path.is_file():
-        resumed, payload = stages.load_model(path, device, raw=True)
+        resumed, payload = diffusion.load_model(path, device, raw=True)
         model.load_state_dict(resumed.state_dict())
         state = payload["loop"]
         print(f"resuming {path} at step {state['step']}")
-
-    def checkpoint(step, loop_state):
-        if rank == 0 and (step % loop.checkpoint_every == 0 or step == loop.steps):
-            stages.save_model(path, model, loop_state, train.stage, {"train": train, "loop": loop})
-        if rank == 0 and ((loop.sample_every and step % loop.sample_every == 0) or step == loop.steps):
-            pipeline.sample_grid(path, crops, Path(train.out_dir) / f"samples_{train.stage}_{step:06d}.png", device)
-
+    files = RunFiles(log=log, stage=train.stage, checkpoint=path, kind=train.stage,
+                     train_config={"train": train, "loop": loop}, grid_crops=crops)
     dropout = train.cfg_dropout if train.stage == "cfg" else None
-    stages.train_base(model, crops, loop, device, generator, Path(train.out_dir), state,
-                      logger_for(log, loop, train.stage, checkpoint), dropout, rank)
+    training.train_base(model, crops, loop, device, generator, state, dropout, rank, files)
     print(f"wrote {path}")
     return path
 
@@ -166,17 +183,17 @@ def train_loras(train, loop, model, crops, device, generator, log, base_fp) -> l
     for k, name in enumerate(wanted):
         attribute, _, value = name.partition("=")
         if k:  # every adapter starts from the same frozen base and token init: a fresh model from the checkpoint
-            model = stages.load_model(train.ckpt, device)[0]
-        stages.train_lora(model, crops, attribute, value, train.lora_rank, train.lora_alpha,
-                          replace(loop, lr=train.lora_lr), device,
-                          generator, logger_for(log, loop, f"lora {name}"), train.lora_init)
+            model = diffusion.load_model(train.ckpt, device)[0]
+        training.train_lora(model, crops, attribute, value, train.lora_rank, train.lora_alpha,
+                            replace(loop, lr=train.lora_lr), device, generator, train.lora_init,
+                            RunFiles(log=log, stage=f"lora {name}"))
         path = Path(train.out_dir) / "lora" / f"{name}.pt"
         path.parent.mkdir(parents=True, exist_ok=True)
-        stages.save_lora(path, model, name, base_fp, {"attribute": attribute, "value": value,
-                                                      "r": train.lora_rank, "alpha": train.lora_alpha,
-                                                      "init": train.lora_init,
-                                                      "targets": list(stages.LORA_TARGETS), "steps": loop.steps})
-        pipeline.lora_grid(model, crops, name, Path(train.out_dir) / "lora" / f"{name}.png", device)
+        diffusion.save_lora(path, model, name, base_fp, {"attribute": attribute, "value": value,
+                                                         "r": train.lora_rank, "alpha": train.lora_alpha,
+                                                         "init": train.lora_init,
+                                                         "targets": list(diffusion.LORA_TARGETS), "steps": loop.steps})
+        synthesis.lora_grid(model, crops, name, Path(train.out_dir) / "lora" / f"{name}.png")
         paths.append(path)
         print(f"wrote {path}")
     return paths
@@ -184,24 +201,77 @@ def train_loras(train, loop, model, crops, device, generator, log, base_fp) -> l
 
 def train_composition(train, loop, model, crops, device, generator, log, base_fp) -> Path:
     """Compose the single-attribute adapters named by --attributes with --strategy ortho | ziplora."""
-    names = [n.strip() for n in train.attributes.split(",") if n.strip()]
-    if len(names) < 2 or len({n.split("=")[0] for n in names}) != len(names):
+    names = diffusion.adapter_names(diffusion.parse_attributes(train.attributes, model.vocab))
+    if len(names) < 2:
         raise common.DataError("--attributes needs two or three values of different attributes, "
                                "e.g. texture=ground_glass,margin=spiculated")
     if train.strategy not in ("ortho", "ziplora"):
         raise common.DataError(f"--strategy {train.strategy!r}: composition training is 'ortho' or 'ziplora' "
                                "(training-free strategies are applied by sample.py)")
     for name in names:
-        stages.load_lora(Path(train.out_dir) / "lora" / f"{name}.pt", model, base_fp, name)
+        diffusion.load_lora(Path(train.out_dir) / "lora" / f"{name}.pt", model, base_fp, name)
     loop = replace(loop, lr=train.compose_lr)
-    stages.train_compose(model, crops, names, train.strategy, loop, device, generator, train.lambda_orth,
-                         train.lambda_attn, train.lambda_zip, logger_for(log, loop, f"compose {train.strategy}"))
-    path = control.composed_path(Path(train.out_dir), train.strategy, names)
-    stages.save_composed(path, model, names, base_fp, {"strategy": train.strategy, "steps": loop.steps,
-                                                       "lambda_orth": train.lambda_orth,
-                                                       "lambda_attn": train.lambda_attn})
+    training.train_compose(model, crops, names, train.strategy, loop, device, generator, train.lambda_orth,
+                           train.lambda_attn, train.lambda_zip,
+                           RunFiles(log=log, stage=f"compose {train.strategy}"))
+    path = diffusion.composed_path(Path(train.out_dir), train.strategy, names)
+    training.save_composed(path, model, names, base_fp, {"strategy": train.strategy, "steps": loop.steps,
+                                                         "lambda_orth": train.lambda_orth,
+                                                         "lambda_attn": train.lambda_attn})
     print(f"wrote {path}")
     return path
+
+
+def run_all(train, loop, unet_cfg, diffusion_cfg, detect, demo: DemoConfig) -> dict:
+    """The whole pipeline on phantom data (README command 1): the same stages as the single commands.
+
+    phantom data → base model → attribute LoRAs → `ortho` composition → nodules inserted into held-out phantom
+    images → detectors real-only vs real+synthetic → report.md.
+    """
+    start, out = time.time(), Path(train.out_dir)
+    base = out / "base.pt"
+    print("== 1/5 base model"); run_stage(replace(train, stage="base"), loop, unet_cfg, diffusion_cfg)  # noqa: E702
+    vocab = diffusion.load_model(base, "cpu")[0].vocab
+    attributes = diffusion.parse_attributes(train.attributes, vocab)
+    names = diffusion.adapter_names(attributes)
+    print("== 2/5 attribute LoRAs")
+    for name in names:
+        run_stage(replace(train, stage="lora", ckpt=str(base), attribute=name),
+                  replace(loop, steps=demo.lora_steps), unet_cfg, diffusion_cfg)
+    print("== 3/5 ortho composition")
+    run_stage(replace(train, stage="compose", ckpt=str(base), strategy="ortho"),
+              replace(loop, steps=demo.compose_steps), unet_cfg, diffusion_cfg)
+    print("== 4/5 inserting nodules into held-out images")
+    device = common.resolve_device(train.device)
+    generate, model = synthesis.build_generator(str(base), "ortho", attributes, out / "lora", device, steps=25)
+    pool = datasets.load_records("phantom", out / "data", demo.synthetic_images, train.seed + 1, model.vocab)
+    synthetic = synthesis.synthesize(pool, generate, out / "synthetic", model.vocab, train.spacing_mm,
+                                     unet_cfg.crop_size, attributes, 1, (8.0, 20.0), train.seed)
+    print("== 5/5 detectors: real only vs real + synthetic")
+    real = datasets.load_records("phantom", out / "data", train.n_images, train.seed, model.vocab)
+    real = evaluation.low_data_subset(real, detect.low_data, train.seed)
+    test = datasets.load_records("phantom", out / "data", demo.test_images, train.seed + 2, model.vocab)
+    report = evaluation.evaluate_detection(real, synthetic, test, detect, train.spacing_mm, device, out)
+    report["wall_time_s"] = round(time.time() - start, 1)
+    common.write_json(out / "report.json", report)
+    write_demo_report(out, report, names)
+    print((out / "report.md").read_text())
+    return report
+
+
+def write_demo_report(out: Path, report: dict, names: list[str]) -> None:
+    """report.md: the detection table plus the pictures a reader wants to see."""
+    grids = sorted(p.name for p in out.glob("samples_base_*.png"))[-1:]
+    lines = [evaluation.report_markdown(report, "nodule_diffusion demo report"),
+             f"Wall time: {report.get('wall_time_s', 0):.0f} s.", "", "## Pictures", "",
+             *(f"Base model, mask | real | generated: ![]({g})" for g in grids),
+             *(f"\nLoRA `{n}` (masks of nodules without the value, generated with it): ![](lora/{n}.png)"
+               for n in names),
+             "\nInserted nodules (`ortho` composition of " + " + ".join(names) + "): "
+             "![](synthetic/contact_sheet.png)", "\nFROC curves: ![](froc.png)",
+             "\nTest images, ground truth (green) and top detections (red): real only "
+             "![](detections_real_only.png), real + synthetic ![](detections_real_synthetic.png)", ""]
+    (out / "report.md").write_text("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from nodule_diffusion import phantom  # noqa: E402
 from nodule_diffusion.data import (  # noqa: E402
     DEFAULT_VOCAB, ImageRecord, Nodule, NoduleCrops, dilate, read_annotations)
 
@@ -90,8 +91,6 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         if args.source == "phantom":
-            from nodule_diffusion import phantom
-
             records = read_annotations(phantom.make_dataset(tmp, args.n_images, args.seed, progress=False))
         else:
             records = synthetic_records(Path(tmp), args.n_images, args.seed)

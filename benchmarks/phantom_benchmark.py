@@ -28,7 +28,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train  # noqa: E402  (the training script's stage runner: same code path as the CLI)
-from nodule_diffusion import baselines, common, control, diagnostics, evaluation, pipeline, stages  # noqa: E402
+from nodule_diffusion import baselines, common, evaluation, synthesis  # noqa: E402
+from nodule_diffusion.datasets import load_records  # noqa: E402
+from nodule_diffusion.diffusion import load_model, parse_attributes  # noqa: E402
 from nodule_diffusion.data import NoduleCrops  # noqa: E402
 
 STRATEGIES = ("linear", "svd", "ties", "switch", "ziplora", "ortho")
@@ -57,7 +59,7 @@ def train_models(out: Path, s: dict, device: str) -> list[tuple[str, str]]:
         train.run_stage(replace(base_cfg, stage="base"), loop, unet, diffusion)
     train.run_stage(replace(base_cfg, stage="lora", ckpt=ckpt, all_attributes=True),
                     replace(loop, steps=s["lora_steps"]), unet, diffusion)
-    vocab = stages.load_model(ckpt, "cpu")[0].vocab
+    vocab = load_model(ckpt, "cpu")[0].vocab
     pairs = list(itertools.product(vocab["texture"], vocab["margin"]))[: s["pairs"]]
     for (tex, mar), strategy in itertools.product(pairs, ("ortho", "ziplora")):
         train.run_stage(replace(base_cfg, stage="compose", ckpt=ckpt, strategy=strategy,
@@ -72,22 +74,22 @@ def train_models(out: Path, s: dict, device: str) -> list[tuple[str, str]]:
 
 def controllability(out: Path, pairs, s: dict, device) -> dict:
     """Judge accuracy, FD_judge and Dice for every (pair, strategy), plus CFG and the triple."""
-    vocab = stages.load_model(out / "base.pt", "cpu")[0].vocab
-    real = stages.load_records("phantom", out / "data", s["n_images"], 0, vocab)
-    judge, real_batch, train_acc = diagnostics.train_attribute_judge(real, vocab, 1.4, diagnostics.JudgeSettings(
+    vocab = load_model(out / "base.pt", "cpu")[0].vocab
+    real = load_records("phantom", out / "data", s["n_images"], 0, vocab)
+    judge, real_batch, train_acc = evaluation.train_attribute_judge(real, vocab, 1.4, evaluation.JudgeSettings(
         judge_steps=s["judge_steps"]), device)
-    pool = stages.load_records("phantom", out / "data", s["per_set"], 11, vocab)
+    pool = load_records("phantom", out / "data", s["per_set"], 11, vocab)
     results = {"judge_train_accuracy": train_acc, "sets": []}
     jobs = [(f"texture={t},margin={m}", st) for (t, m), st in itertools.product(pairs, (*STRATEGIES, "cfg"))]
     jobs.append(("texture=part_solid,margin=lobulated,calcification=calcified", "ortho"))
     jobs.append(("texture=part_solid,margin=lobulated,calcification=calcified", "linear"))
     for attrs_text, strategy in jobs:
-        attributes = control.parse_attributes(attrs_text, vocab)
+        attributes = parse_attributes(attrs_text, vocab)
         ckpt = out / ("cfg.pt" if strategy == "cfg" else "base.pt")
-        generate, _ = control.build_generator(str(ckpt), strategy, attributes, out / "lora", device, s["steps"])
+        generate, _ = synthesis.build_generator(str(ckpt), strategy, attributes, out / "lora", device, s["steps"])
         folder = out / "sets" / f"{strategy}_{attrs_text.replace(',', '+')}"
-        syn = pipeline.synthesize(pool, generate, folder, vocab, 1.4, 32, attributes, 1, (10.0, 20.0), 5)
-        scores, _, _ = diagnostics.score_synthetic(judge, real_batch, syn, vocab, 1.4, 32)
+        syn = synthesis.synthesize(pool, generate, folder, vocab, 1.4, 32, attributes, 1, (10.0, 20.0), 5)
+        scores, _, _ = evaluation.score_synthetic(judge, real_batch, syn, vocab, 1.4, 32)
         results["sets"].append({"attributes": attrs_text, "strategy": strategy, **scores})
         print(strategy, attrs_text, json.dumps(scores["accuracy"]))
     return results
@@ -97,7 +99,7 @@ def diagnose_pairs(out: Path, pairs, device) -> list[dict]:
     rows = []
     for tex, mar in pairs:
         text = f"texture={tex},margin={mar}"
-        res = diagnostics.diagnose(str(out / "base.pt"), text, out / "diagnose" / text, device, 0)
+        res = evaluation.diagnose(str(out / "base.pt"), text, out / "diagnose" / text, device, 0)
         rows.append({"attributes": text, **{k: {"mean_abs_cosine": v["mean_abs_cosine"],
                                                 "attention_overlap": v["attention_overlap"]} for k, v in res.items()}})
     return rows
@@ -105,11 +107,11 @@ def diagnose_pairs(out: Path, pairs, device) -> list[dict]:
 
 def detection(out: Path, pairs, s: dict, device) -> dict:
     """Real-only vs + ortho synthetic vs + copy-paste vs + template, same pool images and requests."""
-    vocab = stages.load_model(out / "base.pt", "cpu")[0].vocab
-    real = evaluation.low_data_subset(stages.load_records("phantom", out / "data", s["n_images"], 0, vocab),
+    vocab = load_model(out / "base.pt", "cpu")[0].vocab
+    real = evaluation.low_data_subset(load_records("phantom", out / "data", s["n_images"], 0, vocab),
                                       s["low_data"], 0)
-    pool = stages.load_records("phantom", out / "data", s["pool"], 1, vocab)
-    test = stages.load_records("phantom", out / "data", s["test"], 2, vocab)
+    pool = load_records("phantom", out / "data", s["pool"], 1, vocab)
+    test = load_records("phantom", out / "data", s["test"], 2, vocab)
     crops = NoduleCrops([r for r in real if r.nodules], vocab, 32, 1.4, augment=False)
     chunks = np.array_split(np.arange(len(pool)), len(pairs))
     sets = {}
@@ -118,12 +120,12 @@ def detection(out: Path, pairs, s: dict, device) -> dict:
         for (tex, mar), idx in zip(pairs, chunks):
             attributes = {"texture": tex, "margin": mar}
             if name == "ortho":
-                generate, _ = control.build_generator(str(out / "base.pt"), "ortho", attributes, out / "lora",
+                generate, _ = synthesis.build_generator(str(out / "base.pt"), "ortho", attributes, out / "lora",
                                                       device, s["steps"])
             else:
                 maker = baselines.copy_paste_generator if name == "copy_paste" else baselines.template_generator
                 generate = maker(crops, seed=0)
-            records += pipeline.synthesize([pool[i] for i in idx], generate, out / "det_sets" / name / f"{tex}_{mar}",
+            records += synthesis.synthesize([pool[i] for i in idx], generate, out / "det_sets" / name / f"{tex}_{mar}",
                                            vocab, 1.4, 32, attributes, 1, (8.0, 20.0), 3)
         sets[name] = records
     det = evaluation.DetectConfig(det_steps=s["det_steps"], seeds=s["seeds"], n_boot=s["n_boot"])
@@ -151,7 +153,7 @@ def main() -> None:
     timings = {}
     t = time.time()
     pairs = train_models(out, s, args.device) if not args.skip_training else \
-        list(itertools.product(*(stages.load_model(out / "base.pt", "cpu")[0].vocab[a] for a in ("texture", "margin"))))[: s["pairs"]]
+        list(itertools.product(*(load_model(out / "base.pt", "cpu")[0].vocab[a] for a in ("texture", "margin"))))[: s["pairs"]]
     timings["training_s"] = time.time() - t
     t = time.time()
     result = {"settings": s, "controllability": controllability(out, pairs, s, device)}
@@ -199,8 +201,7 @@ def markdown(result: dict) -> str:
         rows = result["diagnostics"]
         lines.append(f"| {stage} | {np.mean([r[stage]['mean_abs_cosine'] for r in rows]):.4f} | "
                      f"{np.mean([r[stage]['attention_overlap'] for r in rows]):.4f} |")
-    from nodule_diffusion import evaluation as ev
-    lines += ["", ev.report_markdown(result["detection"], "Detection (low-data phantom regime)"),
+    lines += ["", evaluation.report_markdown(result["detection"], "Detection (low-data phantom regime)"),
               f"Timings (s): {json.dumps({k: round(v) for k, v in result['timings'].items()})}",
               f"Machine: {json.dumps(result['machine'])}", ""]
     return "\n".join(lines)

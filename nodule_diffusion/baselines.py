@@ -6,7 +6,7 @@
                            contrast drawn from the real nodules and blended inside the mask (NODE21 generation
                            baseline style [NODE21, Sogancioglu et al. 2024 §III-B]; our version needs no CT)
 Both return a `generate(masks, contexts, requests)` function with the same contract as the diffusion model's
-(control.build_generator), so `pipeline.synthesize` inserts them through exactly the same code path.
+(synthesis.build_generator), so `synthesis.synthesize` inserts them through exactly the same code path.
 """
 
 from __future__ import annotations

@@ -11,9 +11,11 @@ weights before anything uses the file. Format-1 files (no digest) are still read
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import dataclasses
 import hashlib
+import inspect
 import json
 import os
 import random
@@ -25,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 CHECKPOINT_FORMAT_VERSION = 2  # 2: content_sha256 added (format 1 files are still read)
 
@@ -102,13 +105,28 @@ def _field_type(tp):
     return tp, None
 
 
+def field_comments(cls) -> dict[str, str]:
+    """{field: its trailing `# comment`} from the dataclass source: the one-line help text of each flag."""
+    try:
+        lines = inspect.getsource(cls).splitlines()
+    except (OSError, TypeError):  # no source (e.g. built in an interactive session)
+        return {}
+    out = {}
+    for line in lines:
+        match = re.match(r"\s+(\w+)\s*:[^#]*#\s*(.+)$", line)
+        if match:
+            out[match.group(1)] = match.group(2).strip()
+    return out
+
+
 def add_dataclass_args(parser: argparse.ArgumentParser, cls, help_text: dict[str, str] | None = None) -> None:
     """Add one typed `--name` flag per field of the dataclass `cls` (default: None = keep the dataclass default).
 
     bool -> --name / --no-name; tuple[int, ...] -> nargs='+'; Optional[...] fields accept their base type.
-    The help line shows the default and, when given, `help_text[name]` or the field's metadata["help"].
+    The help line shows the default and `help_text[name]`, the field's metadata["help"] or its `# comment`.
     """
     hints = typing.get_type_hints(cls)
+    comments = field_comments(cls)
     for f in dataclasses.fields(cls):
         base, elem = _field_type(hints[f.name])
         if f.default is not dataclasses.MISSING:
@@ -117,7 +135,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, help_text: dict[str
             default = f.default_factory()
         else:  # a required field: its flag has no default to show
             default = "required"
-        doc = (help_text or {}).get(f.name) or f.metadata.get("help", "")
+        doc = (help_text or {}).get(f.name) or f.metadata.get("help", "") or comments.get(f.name, "")
         kwargs: dict = {"default": None, "help": f"{doc} (default: {default})".strip()}
         if base is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
@@ -241,8 +259,6 @@ def write_json(path: str | Path, obj) -> Path:
 
 def save_image_png(path: str | Path, image: np.ndarray) -> Path:
     """Write a float image in [0, 1] (H, W) as 16-bit PNG, or (H, W, 3) uint8 RGB as 8-bit PNG, atomically."""
-    from PIL import Image
-
     arr = np.asarray(image)
     if arr.ndim == 2 and arr.dtype != np.uint8:
         pil = Image.fromarray(np.round(np.clip(arr, 0, 1) * 65535).astype(np.uint16))
@@ -419,8 +435,6 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     """Restore what `rng_state()` saved (CUDA states only when present and a GPU is available)."""
-    import ast
-
     random.setstate(ast.literal_eval(state["python"]))
     np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"],
                          state.get("numpy_has_gauss", 0), state.get("numpy_cached_gaussian", 0.0)))
@@ -452,3 +466,10 @@ def run_cli(main) -> None:
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+
+
+def progress_options(stream=None) -> dict:
+    """tqdm keyword arguments for the package's progress bars: live on a terminal; written to a file or a pipe
+    (a redirected log), at most one update a minute, so that the log does not fill with carriage-return updates."""
+    stream = sys.stderr if stream is None else stream
+    return {} if getattr(stream, "isatty", lambda: False)() else {"mininterval": 60.0}

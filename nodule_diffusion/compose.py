@@ -1,5 +1,8 @@
 """LoRA composition: the merging strategies of the field, sampling-time rules, and the [OURS] composition objective.
 
+Reading order: weight-space merges → sampling-time rules → the composition objective → diagnostics → the
+sampling-time dispatch (`eps_function`: which adapters, merges and guidance a --strategy uses at every step).
+
 Every strategy is a plain function. Weight-space strategies take adapters as effective factors
 (`lora.adapter_factors`: {layer: (A (r, D_in), B (D_out, r))} with B·A = ΔW, scaling already inside B) and user
 weights w_i, and return one composed adapter in the same form with scale 1; `lora.add_factors` loads it.
@@ -14,13 +17,18 @@ Implements
     switch_schedule / composite_eps   LoRA Switch / LoRA Composite            [MultiLoRA]
     klora_scores / klora_choose       top-k magnitude selection per layer     [K-LoRA]
     ziplora_penalty  Σ_layers mean_j |m_1[j]·m_2[j]| over merger vectors      [ZipLoRA]
-    token_maps / mean_token_map / attention_region / attention_overlap / preserve_loss / composition_loss [OURS]
+    token_maps / mean_token_map / attention_region / attention_overlap / token_attention / mean_pair_overlap
+    preserve_loss / composition_loss
+    composition_objective   the whole composition-training loss, numbered steps     [OURS Eq. 1–3], [ZipLoRA]
     delta_cosines / principal_angles  the "two failure causes" diagnostics
+    eps_function     --strategy → ε(x_t, t, step) for sampling; guided_eps = CFG [CFG Eq. 6, Liu et al. Eq. 12];
+                     sampling_time_eps = switch / composite / klora
 
 Papers
     [TIES]      Yadav et al. 2023, arXiv:2306.01708        [DARE]    Yu et al. 2024, arXiv:2311.03099
     [MultiLoRA] Zhong et al. 2024, arXiv:2402.16843        [K-LoRA]  Ouyang et al. CVPR 2025, arXiv:2502.18461
     [ZipLoRA]   Shah et al. 2023, arXiv:2311.13600         [CLoRA]   Meral et al. 2024, arXiv:2403.19776
+    [CFG]       Ho & Salimans 2022, arXiv:2207.12598       [Liu et al. 2022] composable diffusion, arXiv:2206.01714
     [OURS]      notes/method.md §3 (the paper, arXiv 2603.01659, publishes no formula): L = L_preserve
                 + λ_o·L_orth + λ_a·L_attn                                                    [OURS Eq. 1]
 
@@ -34,11 +42,14 @@ Deviations
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from nodule_diffusion import lora
+from nodule_diffusion.common import DataError
+from nodule_diffusion.diffusion import adapter_names, attr_tensor, composed_path, load_lora
 
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # layer -> (A (r, D_in), B (D_out, r)), B·A = ΔW
 
@@ -288,10 +299,15 @@ def attention_overlap(maps_a: torch.Tensor, maps_b: torch.Tensor, region: torch.
     return overlap.mean()
 
 
-def preserve_loss(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """L_preserve = Σ_k mean ‖ε_composed(x^k) − sg ε_k(x^k)‖² over (composed, single-LoRA teacher) pairs
-    [ZipLoRA]: the composed model keeps each attribute's single-adapter behaviour on its own data."""
-    return sum(F.mse_loss(student, teacher.detach()) for student, teacher in pairs)
+def preserve_loss(pairs) -> torch.Tensor:
+    """L_preserve = Σ_k Σ w·(ε_composed(x^k) − sg ε_k(x^k))² / Σ w over (student, teacher[, weight]) triples
+    [ZipLoRA Eq. 2]: the composed model keeps each attribute's single-adapter behaviour on its own data.
+    weight (like the student) defaults to ones, i.e. the plain mean squared error."""
+    total = 0.0
+    for student, teacher, *weight in pairs:
+        w = weight[0] if weight else torch.ones_like(student)
+        total = total + (w * (student.float() - teacher.detach().float()) ** 2).sum() / w.sum()
+    return total
 
 
 def composition_loss(preserve: torch.Tensor, orth: torch.Tensor, attn: torch.Tensor, lambda_orth: float,
@@ -300,6 +316,74 @@ def composition_loss(preserve: torch.Tensor, orth: torch.Tensor, attn: torch.Ten
     total = preserve + lambda_orth * orth + lambda_attn * attn
     parts = {"preserve": preserve, "orth": orth, "attn": attn, "total": total}
     return total, {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in parts.items()}
+
+
+def token_attention(model, attributes: list[str], size: int = 16) -> list[torch.Tensor]:
+    """The cross-attention map of each attribute's token in the last forward pass (captured with
+    `model.unet.set_attention_capture(True)`), heads and layers averaged: one (B, size²) map per attribute."""
+    maps = [probs for probs, _ in model.unet.cross_attention_maps()]  # per layer (B, h, H_l*W_l, L)
+    return [mean_token_map(token_maps(maps, model.tokens.token_position(a)), size) for a in attributes]
+
+
+def mean_pair_overlap(per_token: list[torch.Tensor], mask: torch.Tensor, size: int = 16) -> torch.Tensor:
+    """L_attn of one batch: the mean over token pairs of their soft-IoU inside R = dilate(M)  [OURS Eq. 3]."""
+    region = attention_region(mask, size)  # (B, size²) bool
+    pairs = [(i, j) for i in range(len(per_token)) for j in range(i + 1, len(per_token))]
+    return sum(attention_overlap(per_token[i], per_token[j], region) for i, j in pairs) / max(len(pairs), 1)
+
+
+def composition_objective(model, names: list[str], draw_batch, generator: torch.Generator, strategy: str = "ortho",
+                          lambda_orth: float = 1.0, lambda_attn: float = 0.1,
+                          lambda_zip: float = 0.01) -> tuple[torch.Tensor, dict[str, float]]:
+    """The whole composition-training loss of one step [OURS Eq. 1–3] (or ZipLoRA's, strategy="ziplora").
+
+    model: a DiffusionModel with the adapters `names` ("attribute=value") loaded and merger vectors added;
+    draw_batch(k) -> a batch (data.NoduleCrops keys) of nodules carrying names[k]; t and ε come from `generator`.
+    For each adapter k, with c_k = the token of names[k] alone and c_all = every composed token:
+    1. t ~ U{0, …, T−1}, ε ~ N(0, I), x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε                    [DDPM Alg. 1 l.3–4, Eq. 4]
+    2. teacher = ε_{θ+ΔW_k}(x_t, t, c_k): adapter k alone, no gradient
+    3. student = ε_{θ+Σ_i ΔW̃_i}(x_t, t, c_all): every adapter with its trained mergers m_i
+    4. L_preserve += Σ w·(student − teacher)² / Σ w, w = 1 + (λ−1)·dilate(M)  [ZipLoRA Eq. 2, mask-weighted]
+    5. ortho: L_attn += mean over token pairs of overlap(attn_i, attn_j inside dilate(M))          [OURS Eq. 3]
+    6. ortho:   L = L_preserve + λ_o·L_orth(ΔW̃_1 … ΔW̃_n) + λ_a·L_attn / n                    [OURS Eq. 1, 2]
+       ziplora: L = L_preserve + λ_z·Σ_layers Σ_{i<j} mean|m_i ⊙ m_j|                           [ZipLoRA Eq. 3]
+    Returns (L, {part: float}) for logging.
+    """
+    vocab, scheduler = model.vocab, model.diffusion.scheduler()
+    attributes = dict(n.split("=", 1) for n in names)
+    with_attention = strategy == "ortho" and lambda_attn > 0
+    pairs, overlap = [], None
+    for k, name in enumerate(names):
+        batch = draw_batch(k)
+        x0 = batch["x0"]
+        # 1.
+        t = torch.randint(0, scheduler.num_train_timesteps, (x0.shape[0],), generator=generator).to(x0.device)
+        noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+        xt = scheduler.add_noise(x0, noise, t)
+        # 2.
+        with torch.no_grad():
+            lora.set_active(model.unet, [name])
+            own = dict([name.split("=", 1)])
+            teacher = model(xt, t, batch["mask"], batch["context"], attr_tensor(own, vocab, len(x0), x0.device))
+        # 3.
+        lora.set_active(model.unet, names)
+        model.unet.set_attention_capture(with_attention)
+        student = model(xt, t, batch["mask"], batch["context"], attr_tensor(attributes, vocab, len(x0), x0.device))
+        # 4.
+        pairs.append((student, teacher, 1.0 + (model.diffusion.mask_weight - 1.0) * batch["region"]))
+        # 5.
+        if with_attention:
+            term = mean_pair_overlap(token_attention(model, list(attributes)), batch["mask"])
+            overlap = term if overlap is None else overlap + term
+        model.unet.set_attention_capture(False)
+    preserve = preserve_loss(pairs)
+    # 6.
+    if strategy == "ortho":
+        orth = lora.orthogonality_loss([lora.adapter_factors(model.unet, n) for n in names])
+        attn = torch.zeros((), device=orth.device) if overlap is None else overlap
+        return composition_loss(preserve, orth, attn / len(names), lambda_orth, lambda_attn)
+    penalty = ziplora_penalty(model.unet, names)
+    return preserve + lambda_zip * penalty, {"preserve": float(preserve), "zip": float(penalty)}
 
 
 # ----------------------------------------------------------------------------- diagnostics
@@ -341,3 +425,91 @@ def principal_angles(factors_a: Factors, factors_b: Factors, space: str = "colum
         cosines = torch.linalg.svdvals(_span(delta_a).T @ _span(delta_b))  # (min(k_a, k_b),), descending
         out[layer] = torch.rad2deg(torch.arccos(cosines.clamp(-1.0, 1.0))).float()
     return out
+
+
+# ----------------------------------------------------------------------------- sampling-time dispatch
+
+MERGES = {"linear": linear, "svd": svd, "ties": ties,
+          "dare": lambda adapters, weights: dare(adapters, weights, density=0.5, seed=0)}
+STRATEGIES = ("base", "lora", *MERGES, "ortho", "ziplora", "switch", "composite", "klora", "cfg")
+
+
+def eps_function(model, fingerprint: str, strategy: str, attributes: dict[str, str], lora_dir: Path,
+                 guidance: float = 3.0, compositional: bool = False, tau: int = 5, steps: int = 50):
+    """The sampling-time dispatch: load what `strategy` needs onto `model` and return
+    eps(x_t, t (B,), step_index, masks, contexts) -> model output (B, 1, S, S). Every file is checked first."""
+    names = adapter_names(attributes)
+    if strategy in ("base", "cfg") or not names:
+        if strategy not in ("base", "cfg"):
+            raise DataError(f"--strategy {strategy} needs --attributes")
+        return guided_eps(model, attributes, guidance if strategy == "cfg" else None, compositional)
+    if strategy == "lora" and len(names) != 1:
+        raise DataError("--strategy lora takes exactly one attribute value; use a composition strategy for more")
+    if strategy in ("ortho", "ziplora"):
+        path = composed_path(lora_dir.parent, strategy, names)
+        if not path.is_file():
+            raise DataError(f"{path}: no composed adapter; run train.py --stage compose --strategy {strategy} "
+                            f"--attributes {','.join(names)} first")
+        load_lora(path, model, fingerprint, "composed")
+        lora.set_active(model.unet, ["composed"])
+        return guided_eps(model, attributes, None, False)
+    for name in names:
+        load_lora(lora_dir / f"{name}.pt", model, fingerprint, name)
+    if strategy == "lora":
+        lora.set_active(model.unet, names)
+    elif strategy in MERGES:
+        factors = MERGES[strategy]([lora.adapter_factors(model.unet, n) for n in names], [1.0] * len(names))
+        lora.add_factors(model.unet, "composed", {k: (a.detach(), b.detach()) for k, (a, b) in factors.items()})
+        lora.set_active(model.unet, ["composed"])
+    if strategy in ("lora", *MERGES):
+        return guided_eps(model, attributes, None, False)
+    return sampling_time_eps(model, strategy, names, attributes, tau, steps)
+
+
+def guided_eps(model, attributes: dict[str, str], guidance: float | None, compositional: bool):
+    """ε(x_t) with the requested tokens; with `guidance`, classifier-free guidance [CFG Eq. 6]:
+    joint ε̃ = ε(∅) + g·(ε(y) − ε(∅)); compositional ε̃ = ε(∅) + Σ_k g·(ε(y_k) − ε(∅)) [Liu et al. 2022 Eq. 12]."""
+    vocab = model.vocab
+
+    @torch.no_grad()
+    def eps(xt, t, k, masks, contexts):
+        cond = model(xt, t, masks, contexts, attr_tensor(attributes, vocab, len(xt), xt.device))
+        if guidance is None:
+            return cond
+        null = model(xt, t, masks, contexts, attr_tensor({}, vocab, len(xt), xt.device))
+        if not compositional:
+            return null + guidance * (cond - null)
+        parts = [model(xt, t, masks, contexts, attr_tensor({a: v}, vocab, len(xt), xt.device)) - null
+                 for a, v in attributes.items()]
+        return null + guidance * sum(parts)
+    return eps
+
+
+def sampling_time_eps(model, strategy: str, names: list[str], attributes: dict[str, str], tau: int, steps: int):
+    """Sampling-time compositions: switch, composite and K-LoRA change the active adapters during sampling."""
+    vocab = model.vocab
+    layers = lora.lora_layers(model.unet)
+    if strategy == "klora":
+        if len(names) != 2:
+            raise DataError("--strategy klora composes exactly two adapters")
+        fa, fb = (lora.adapter_factors(model.unet, n) for n in names)
+        scores = klora_scores(fa, fb)
+
+    @torch.no_grad()
+    def eps(xt, t, k, masks, contexts):
+        attrs = attr_tensor(attributes, vocab, len(xt), xt.device)
+        if strategy == "switch":
+            lora.set_active(model.unet, [switch_schedule(k, names, tau)])
+        elif strategy == "composite":
+            outs = []
+            for n in names:
+                lora.set_active(model.unet, [n])
+                outs.append(model(xt, t, masks, contexts, attrs))
+            return composite_eps(outs)
+        else:  # klora: per layer, per step
+            for i, (name, layer) in enumerate(layers.items()):
+                s_a, s_b, gamma = scores[name]
+                pick = klora_choose(s_a, s_b, gamma, k * len(layers) + i, steps * len(layers))
+                layer.set_active([names[pick]])
+        return model(xt, t, masks, contexts, attrs)
+    return eps

@@ -19,7 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 
+from nodule_diffusion import formats
 from nodule_diffusion.checks import (MAX_IMAGE_PIXELS, SPACING_HOW, check_diameter, check_image_size,
                                      check_spacing)
 from nodule_diffusion.common import DataError, atomic_path
@@ -65,8 +67,6 @@ def read_image(path: str | Path, frame: int | None = None) -> np.ndarray:
     meaning; colour is converted to luminance. DICOM, MetaImage (.mha/.mhd) and JSRT (.IMG) are recognised by
     content (DICOM preamble, MetaImage header) or extension and read by `formats.py`.
     """
-    from nodule_diffusion import formats  # formats imports this module; import here to avoid a cycle
-
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: image file not found")
@@ -136,8 +136,6 @@ def _read_pil(path: Path) -> np.ndarray:
 
 def read_spacing(path: str | Path) -> float | None:
     """Pixel spacing in mm for formats that store it (DICOM, MetaImage, JSRT), else None."""
-    from nodule_diffusion import formats
-
     return formats.read_spacing(Path(path))
 
 
@@ -524,8 +522,6 @@ class NoduleCrops(torch.utils.data.Dataset):
     def __init__(self, records: list[ImageRecord], vocab: dict[str, list[str]], crop_size: int = 32,
                  spacing_mm: float | None = 1.4, augment: bool = True, max_shift: int = 2, dilate_px: int = 2,
                  progress: bool = False):
-        from tqdm import tqdm
-
         self.crop_size, self.augment, self.dilate_px = crop_size, augment, dilate_px
         self.max_shift = max_shift if augment else 0
         big = crop_size + 2 * self.max_shift

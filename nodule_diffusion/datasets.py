@@ -34,10 +34,14 @@ import re
 import warnings
 from pathlib import Path
 
-from .checks import check_image_size, check_spacing
-from .common import DataError
-from .data import ImageRecord, Nodule, image_size, read_annotations, read_coco
-from .formats import JSRT_SIZE, JSRT_SPACING_MM, read_header
+import torch
+from PIL import Image
+
+from nodule_diffusion import phantom
+from nodule_diffusion.checks import check_image_size, check_spacing
+from nodule_diffusion.common import DataError
+from nodule_diffusion.data import ImageRecord, Nodule, image_size, read_annotations, read_coco
+from nodule_diffusion.formats import JSRT_SIZE, JSRT_SPACING_MM, read_header
 
 # ---------------------------------------- Shared helpers
 
@@ -442,3 +446,21 @@ def load_data(fmt: str, path, vocab) -> list[ImageRecord]:
     if not Path(path).exists():
         raise DataError(f"--data {fmt}:{path}: {path} does not exist")
     return DATA_FORMATS[fmt](path, vocab) if fmt in ("csv", "coco") else DATA_FORMATS[fmt](path)
+
+
+def load_records(spec: str, cache_dir: Path, n_images: int, seed: int, vocab: dict) -> list:
+    """Records for a `--data` spec: "phantom" (generated once into cache_dir, seeded) or "FORMAT:PATH".
+
+    Under DDP only rank 0 generates the phantom; the other ranks wait at a barrier and then read it.
+    """
+    fmt, path = parse_data_spec(spec)
+    if fmt == "phantom":
+        folder = Path(cache_dir) / f"phantom_seed{seed}_n{n_images}"
+        csv_path = folder / "annotations.csv"
+        distributed = torch.distributed.is_initialized()
+        if not csv_path.is_file() and (not distributed or torch.distributed.get_rank() == 0):
+            phantom.make_dataset(folder, n_images, seed, vocab=vocab)
+        if distributed:
+            torch.distributed.barrier()
+        return read_annotations(csv_path, vocab)
+    return load_data(fmt, path, vocab)

@@ -38,7 +38,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from .data import DataError
+from nodule_diffusion.common import progress_options
+from nodule_diffusion.data import DataError
 
 
 @dataclass
@@ -543,7 +544,7 @@ def train_detector(model: FasterRCNN, images, targets: list[dict], steps: int = 
     order, history = torch.empty(0, dtype=torch.int64), []
     width = float(images.shape[-1])
     flip_sign, flip_shift = torch.tensor([-1.0, 1, -1, 1]), torch.tensor([width, 0, width, 0])
-    bar = tqdm(range(steps), desc="detector", disable=not progress)
+    bar = tqdm(range(steps), desc="detector", disable=not progress, **progress_options())
     for _ in bar:
         while len(order) < batch_size:
             order = torch.cat([order, torch.randperm(len(images), generator=generator)])
@@ -572,7 +573,8 @@ def predict_all(model: FasterRCNN, images, batch_size: int = 8, device="cpu",
     images = _as_images(images)
     model.to(device)
     results = []
-    for start in tqdm(range(0, len(images), batch_size), desc="detect", disable=not progress):
+    for start in tqdm(range(0, len(images), batch_size), desc="detect", disable=not progress,
+                      **progress_options()):
         for r in model.predict(images[start:start + batch_size].to(device)):
             results.append({k: v.cpu() for k, v in r.items()})
     return results

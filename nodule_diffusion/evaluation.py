@@ -1,25 +1,42 @@
-"""The paper's evidence: does adding synthetic nodules help a detector? And do they carry the requested attributes?
+"""The paper's evidence, the three commands of eval_detect.py: detect, attributes, diagnose.
 
+detect: does adding synthetic nodules help a detector?
     detection_set       records -> (images (N, 1, S, S) in [0, 1], targets) at the working resolution
     detect_experiment   real-only vs real+synthetic detectors, same budget, several seeds, held-out test set,
                         metrics with paired bootstrap 95% CIs of the difference (design §4 "Evaluation")
+    evaluate_detection  both arms end to end, with report_detect.md/json, froc.png and detection pictures
     froc_plot           FROC curves as a PNG (no matplotlib: drawn with PIL)
+attributes: do the nodules carry the requested attributes, and do they look real?
+    attribute_report    an attribute judge trained on real labelled crops scores the generated nodules
+                        (per-attribute accuracy = controllability), per-attribute Fréchet distance on the judge's
+                        penultimate features (FD_judge: not FID, no downloaded weights), and mask Dice of the
+                        generated nodule (|synthetic − source| thresholded) against the requested mask
+diagnose: the paper's two failure causes, before/after composition
+    diagnose            per-layer cos(ΔW_a, ΔW_b) and principal angles, and the cross-attention maps of the
+                        attribute tokens with their overlap inside the nodule mask (compose.py's L_attn)
+The paper names the two causes ("overlapping attention regions", "non-orthogonal parameter spaces"); the
+measurements are ours (notes/method.md §3).
 Protocol: image score = max box score; FROC hit = IoU > 0.2; AP@0.5 COCO 101-point; NODE21 = 0.75·AUC +
 0.25·sens@0.25 FP/image (metrics.py). Seed-averaged metrics; CIs resample test images, keeping the pairing.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from nodule_diffusion import metrics
-from nodule_diffusion.common import atomic_path, seed_everything
-from nodule_diffusion.data import DataError, load_record
+from nodule_diffusion import compose, datasets, lora, metrics
+from nodule_diffusion.common import atomic_path, seed_everything, write_json
+from nodule_diffusion.data import DataError, NoduleCrops, crop_at, load_record, read_image
 from nodule_diffusion.detector import DetectorConfig, FasterRCNN, predict_all, train_detector
+from nodule_diffusion.diffusion import (adapter_names, attr_tensor, composed_path, load_lora, load_model,
+                                        parse_attributes)
+from nodule_diffusion.judge import AttributeJudge, JudgeConfig, attribute_accuracy, train_judge
+from nodule_diffusion.synthesis import contact_sheet
 
 METRICS = ("auc", "cpm", "ap50", "node21", "sens@0.25")
 
@@ -28,8 +45,8 @@ METRICS = ("auc", "cpm", "ap50", "node21", "sens@0.25")
 class DetectConfig:
     image_size: int = 256  # detector input side (images are resampled to --spacing_mm, then resized to this)
     det_steps: int = 600  # optimiser steps per detector (same budget for every arm)
-    det_batch_size: int = 4
-    det_lr: float = 1e-3
+    det_batch_size: int = 4  # detector images per optimiser step
+    det_lr: float = 1e-3  # detector learning rate
     seeds: int = 3  # detectors per arm
     n_boot: int = 500  # bootstrap resamples for the CIs
     low_data: int = 0  # keep only this many real training images with nodules (0 = all); negatives kept
@@ -112,6 +129,24 @@ def detect_experiment(arms: dict[str, tuple[torch.Tensor, list[dict]]], test: tu
     return report, preds
 
 
+def evaluate_detection(real, synthetic, test, detect, spacing_mm, device, out: Path) -> dict:
+    """Detectors on real vs real+synthetic; writes report.json, report_detect.md and froc.png under `out`."""
+    size = detect.image_size
+    real_set = detection_set(real, spacing_mm, size)
+    syn_set = detection_set(synthetic, spacing_mm, size)
+    both = (torch.cat([real_set[0], syn_set[0]]), real_set[1] + syn_set[1])
+    test_set = detection_set(test, spacing_mm, size)
+    report, preds = detect_experiment({"real_only": real_set, "real+synthetic": both}, test_set,
+                                                 detect, device)
+    gt = [t["boxes"].numpy() for t in test_set[1]]
+    froc_plot(out / "froc.png", gt, preds)
+    for name, runs in preds.items():  # first seed of each arm
+        detections_png(out / f"detections_{name.replace('+', '_')}.png", test_set[0], gt, runs[0])
+    (out / "report_detect.md").write_text(report_markdown(report, "Detection: real only vs real + synthetic"))
+    write_json(out / "report_detect.json", report)
+    return report
+
+
 def froc_plot(path, gt: list[np.ndarray], preds: dict[str, list[list[dict]]], size=(480, 360)) -> None:
     """FROC curves (sensitivity vs FP/image, log x from 1/8 to 8), one colour per arm, seed-pooled predictions."""
     colours = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
@@ -179,3 +214,136 @@ def report_markdown(report: dict, title: str) -> str:
             lines.append(f"| {name} | " + " | ".join(
                 f"{d['estimate']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]" for d in diffs.values()) + " |")
     return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------- attributes
+@dataclass
+class JudgeSettings:
+    judge_steps: int = 600  # optimiser steps of the attribute judge
+    crop_size: int = 32  # judge and crop size (pixels at --spacing_mm)
+
+
+def _only_synthetic(records):
+    return [replace(r, nodules=[n for n in r.nodules if n.extra.get("synthetic") == "1"]) for r in records]
+
+
+def _dice_of(nodule, image_path: Path, size: int = 32) -> float:
+    """Dice of the requested mask vs the segmentation |synthetic − source| > 30 % of its max, in a crop."""
+    source = nodule.extra.get("source")
+    if not source or nodule.mask is None:
+        return float("nan")
+    cx, cy = (nodule.box[0] + nodule.box[2]) / 2, (nodule.box[1] + nodule.box[3]) / 2
+    diff = np.abs(crop_at(read_image(image_path), cx, cy, size)[0] - crop_at(read_image(source), cx, cy, size)[0])
+    seg = diff > max(0.3 * diff.max(), 1e-3)
+    return metrics.dice(seg, crop_at((read_image(nodule.mask) > 0).astype(np.float32), cx, cy, size)[0] > 0.5)
+
+
+def train_attribute_judge(real, vocab, spacing_mm, settings: JudgeSettings, device):
+    """The judge: a small CNN trained on real labelled nodule crops; returns (judge, real crops batch, train acc)."""
+    real_crops = NoduleCrops(real, vocab, settings.crop_size, spacing_mm, augment=False)
+    r = real_crops.get(torch.arange(len(real_crops)))
+    judge = AttributeJudge(vocab, JudgeConfig(crop_size=settings.crop_size, steps=settings.judge_steps))
+    train_acc = train_judge(judge, r["x0"], r["mask"], r["attrs"], device=device)
+    r["features"] = judge.cpu().features(r["x0"], r["mask"]).numpy()
+    return judge, r, train_acc
+
+
+def score_synthetic(judge, real: dict, synthetic, vocab, spacing_mm, crop_size: int) -> tuple[dict, dict, list]:
+    """Controllability (judge accuracy vs the requested attributes), FD_judge per value, mask Dice per nodule."""
+    syn = _only_synthetic(synthetic)
+    syn_crops = NoduleCrops(syn, vocab, crop_size, spacing_mm, augment=False)
+    s = syn_crops.get(torch.arange(len(syn_crops)))
+    pred = judge.predict(s["x0"], s["mask"])
+    accuracy = attribute_accuracy(pred, s["attrs"], judge.vocab)
+    known = s["attrs"] >= 0
+    accuracy["all_requested"] = float(((pred == s["attrs"]) | ~known).all(1).float().mean())
+    syn_feats = judge.features(s["x0"], s["mask"]).numpy()
+    fd = {}
+    for k, (name, values) in enumerate(vocab.items()):
+        for v, value in enumerate(values):
+            a, b = real["features"][(real["attrs"][:, k] == v).numpy()], syn_feats[(s["attrs"][:, k] == v).numpy()]
+            if len(a) >= 2 and len(b) >= 2:
+                fd[f"{name}={value}"] = metrics.frechet_distance(a, b)
+    dice = [_dice_of(n, rec.image, crop_size) for rec in syn for n in rec.nodules]
+    return {"accuracy": accuracy, "frechet_distance_judge": fd,
+            "mask_dice_mean": float(np.nanmean(dice)) if dice else float("nan")}, s, dice
+
+
+def attribute_report(real, synthetic, vocab, spacing_mm, settings: JudgeSettings, device, out: Path) -> dict:
+    """Judge accuracy, FD_judge per attribute value, mask Dice; writes attributes.json/.md and best_worst.png."""
+    judge, r, train_acc = train_attribute_judge(real, vocab, spacing_mm, settings, device)
+    scores, s, dice = score_synthetic(judge, r, synthetic, vocab, spacing_mm, settings.crop_size)
+    result = {"n_synthetic": len(s["x0"]), "n_real": len(r["x0"]), "judge_train_accuracy": train_acc, **scores}
+    write_json(out / "attributes.json", result)
+    order = np.argsort(np.nan_to_num(np.array(dice), nan=-1.0))
+    picks = [*order[::-1][:8], *order[:8]]
+    contact_sheet([(s["x0"][i, 0].numpy() + 1) / 2 for i in picks], [f"d{dice[i]:.2f}" for i in picks],
+                  out / "best_worst.png")
+    lines = ["# Attribute controllability and realism", "", "| attribute | judge accuracy on synthetic | "
+             "judge accuracy on real (train) |", "|---|---|---|"]
+    lines += [f"| {a} | {scores['accuracy'][a]:.3f} | {train_acc[a]:.3f} |" for a in vocab]
+    lines += ["", "| value | FD_judge (synthetic vs real) |", "|---|---|"]
+    lines += [f"| {k} | {v:.3f} |" for k, v in scores["frechet_distance_judge"].items()]
+    lines += ["", f"Mask Dice (requested vs generated): {result['mask_dice_mean']:.3f}",
+              "", "Best (left 8) and worst (right 8) by Dice: ![](best_worst.png)", ""]
+    (out / "attributes.md").write_text("\n".join(lines))
+    return result
+
+
+# ----------------------------------------------------------------------------------------------- diagnose
+def _attention_maps(model, attributes: dict[str, str], crops, device):
+    """Token maps (per composed attribute) averaged over heads/layers, and their soft-IoU overlap inside R."""
+    batch = crops.get(torch.arange(min(16, len(crops))))
+    mask, context = batch["mask"].to(device), batch["context"].to(device)
+    attrs = attr_tensor(attributes, model.vocab, len(mask), device)
+    scheduler = model.diffusion.scheduler()
+    t = torch.full((len(mask),), scheduler.num_train_timesteps // 2, dtype=torch.long, device=device)
+    noise = torch.randn(batch["x0"].shape, generator=torch.Generator().manual_seed(0)).to(device)
+    model.unet.set_attention_capture(True)
+    with torch.no_grad():
+        model(scheduler.add_noise(batch["x0"].to(device), noise, t), t, mask, context, attrs)
+    per_token = compose.token_attention(model, list(attributes))  # (B, 16²) each, as in composition training
+    model.unet.set_attention_capture(False)
+    overlap = float(compose.mean_pair_overlap(per_token, mask))
+    return overlap, [m[0].reshape(16, 16).cpu().numpy() for m in per_token], batch
+
+
+def diagnose(ckpt: str, attributes_text: str, out: Path, device, seed: int) -> dict:
+    """Both failure causes before (the single adapters, summed) and after `ortho` composition training."""
+    model, payload = load_model(ckpt, device)
+    model.eval()
+    attributes = parse_attributes(attributes_text, model.vocab)
+    names = adapter_names(attributes)
+    if len(names) != 2:
+        raise DataError("diagnose compares exactly two attribute adapters (--attributes a=x,b=y)")
+    root = Path(ckpt).parent
+    parts = composed_path(root, "ortho", names).with_suffix(".parts")
+    for n in names:
+        load_lora(root / "lora" / f"{n}.pt", model, payload["fingerprint"], n)
+        if not (parts / f"{n}.pt").is_file():
+            raise DataError(f"{parts / (n + '.pt')}: missing; run train.py --stage compose --strategy ortho first")
+        load_lora(parts / f"{n}.pt", model, payload["fingerprint"], n + "@ortho")
+    records = datasets.load_records("phantom", root / "data", 60, seed + 3, model.vocab)
+    crops = NoduleCrops(records, model.vocab, model.unet_config.crop_size, 1.4, augment=False)
+    result, pictures = {}, []
+    for stage, active in (("before", names), ("after", [n + "@ortho" for n in names])):
+        fa, fb = (lora.adapter_factors(model.unet, n) for n in active)
+        cos = compose.delta_cosines(fa, fb)
+        angles = {k: v.tolist() for k, v in compose.principal_angles(fa, fb).items()}
+        lora.set_active(model.unet, active)
+        overlap, maps, batch = _attention_maps(model, attributes, crops, device)
+        result[stage] = {"delta_cosine": cos, "mean_abs_cosine": float(np.mean(np.abs(list(cos.values())))),
+                         "principal_angles_deg": angles, "attention_overlap": overlap}
+        pictures += [(m - m.min()) / (np.ptp(m) + 1e-8) for m in maps]
+    write_json(out / "diagnose.json", result)
+    crop = (batch["x0"][0, 0].numpy() + 1) / 2
+    up = [np.asarray(Image.fromarray(p.astype(np.float32), mode="F").resize(crop.shape[::-1])) for p in pictures]
+    contact_sheet([crop, batch["mask"][0, 0].numpy(), *up], ["crop", "mask"] + [f"{s} {n.split('=')[1][:6]}"
+                  for s in ("before", "after") for n in names], out / "diagnose.png", columns=6)
+    lines = ["# Composition diagnostics", "", "| | mean abs cos(ΔW_a, ΔW_b) | attention overlap in mask |",
+             "|---|---|---|"]
+    lines += [f"| {s} | {result[s]['mean_abs_cosine']:.4f} | {result[s]['attention_overlap']:.4f} |"
+              for s in ("before", "after")]
+    lines += ["", "Token attention maps (crop, mask, then before/after per token): ![](diagnose.png)", ""]
+    (out / "diagnose.md").write_text("\n".join(lines))
+    return result

@@ -36,8 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import DataError, atomic_path  # DataError is public as nodule_diffusion.data.DataError
-from .checks import check_image_size  # size limits (checks.py), checked from headers before decoding
+from nodule_diffusion.common import DataError, atomic_path  # DataError is public as nodule_diffusion.data.DataError
+from nodule_diffusion.checks import check_image_size  # size limits (checks.py), checked from headers before decoding
 
 # Image sizes are checked from the header before any pixel is decoded (checks.check_image_size per slice; this for
 # a whole MetaImage stack, 512×512×1024), so a corrupt header or a decompression bomb cannot exhaust memory.

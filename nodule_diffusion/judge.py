@@ -37,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .data import DataError
+from nodule_diffusion.data import DataError
 
 FORMAT_VERSION = 1
 

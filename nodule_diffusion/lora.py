@@ -33,27 +33,15 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nodule_diffusion.common import check_schema, check_tensors, tensor_digest
-from nodule_diffusion.data import DataError
+from nodule_diffusion.common import DataError, check_schema, check_tensors, tensor_digest
 
 ADAPTER_FORMAT_VERSION = 2  # 2: content_sha256 and the adapter's name recorded (format 1 files are still read)
-
-
-@dataclass
-class LoRAConfig:
-    r: int = 4  # rank; notes/method.md §3 suggests 4–16
-    alpha: float = 4.0  # α = r ⇒ s = 1, as [LoRA §4.1] sets α to the first r tried
-    targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out")  # module-name suffixes [LDM attention]
-    init: str = "kaiming"  # "kaiming" | "gaussian" | "orthogonal"
-    lambda_orth: float = 0.1  # λ_o of [OURS Eq. 1]; notes suggest {0.01, 0.1, 1}
-    lambda_attn: float = 0.1  # λ_a of [OURS Eq. 1]
 
 
 class LoRALinear(nn.Module):

@@ -47,6 +47,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from nodule_diffusion.common import progress_options
+
 # Dimension letters: I images, G ground-truth boxes, N detections, D feature dimension.
 
 FROC_FP_RATES = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)  # FP/image [LUNA16]
@@ -316,7 +318,7 @@ def _bootstrap(statistic: Callable[[np.ndarray], float], n_images: int, n_boot: 
 
     # All resamples are drawn up front, so resample b is the same whatever happened to resamples < b.
     resamples = np.random.default_rng(seed).integers(0, n_images, size=(n_boot, n_images))  # (n_boot, I)
-    values = np.array([evaluate(idx) for idx in tqdm(resamples, desc="bootstrap", disable=not progress)])
+    values = np.array([evaluate(idx) for idx in tqdm(resamples, desc="bootstrap", disable=not progress, **progress_options())])
     valid = values[np.isfinite(values)]
     low, high = (np.quantile(valid, [alpha / 2, 1 - alpha / 2]) if len(valid) else (math.nan, math.nan))
     return {"estimate": evaluate(np.arange(n_images)), "low": float(low), "high": float(high),

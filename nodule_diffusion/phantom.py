@@ -34,8 +34,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from .common import add_dataclass_args, config_from_args, read_config_file, run_cli, save_image_png
-from .data import DEFAULT_VOCAB, DataError, ImageRecord, Nodule, crop_at, write_annotations
+from nodule_diffusion.common import add_dataclass_args, config_from_args, read_config_file, run_cli, save_image_png
+from nodule_diffusion.data import DEFAULT_VOCAB, DataError, ImageRecord, Nodule, crop_at, write_annotations
 
 
 @dataclass

@@ -307,13 +307,17 @@ class DDIMScheduler(NoiseSchedule):
 
 @torch.no_grad()
 def sample_loop(model_fn, scheduler, xT, eta=0.0, generator=None, noises=None, progress=False):
-    """Run the reverse chain over `scheduler.timesteps` (call `set_timesteps(n)` first) and return x0.
+    """THE reverse chain: every sampler of the package (synthesis.generate_crops) and the parity tests run this.
 
-    model_fn(xt, t_batch) -> model_output, with xt (B, C, H, W) and t_batch (B,) int64 holding the original
-    training timestep. xT: (B, C, H, W) starting noise. eta: DDIM only (must stay 0 for DDPM). noises: optional
-    per-step fresh noise, a sequence (or tensor) of n (B, C, H, W) entries indexed like `.timesteps`; otherwise
-    drawn from `generator` (one, a list of B for per-sample seeding, or None). Runs under torch.no_grad().
+    Runs over `scheduler.timesteps` (call `set_timesteps(n)` first) and returns x0.
+    model_fn(xt, t_batch, step_index) -> model_output, with xt (B, C, H, W), t_batch (B,) int64 holding the original
+    training timestep and step_index k = 0, 1, … (sampling-time LoRA strategies switch adapters by k).
+    xT: (B, C, H, W) starting noise. eta: DDIM only (must stay 0 for DDPM). noises: optional per-step fresh noise,
+    a sequence (or tensor) of n (B, C, H, W) entries indexed like `.timesteps`; otherwise drawn from `generator`
+    (one, a list of B for per-sample seeding, or None) only when a step uses noise. Runs under torch.no_grad().
     Returns x0 (B, C, H, W) in xT's dtype.
+    1. x_T given                                                         [DDPM Alg. 2 l.1]
+    2. for k, t in enumerate(timesteps): x_prev = step(model(x_t, t, k), t, x_t)   [DDPM Alg. 2 l.3–4, DDIM Eq. 12]
     """
     is_ddim = isinstance(scheduler, DDIMScheduler)
     if not is_ddim and eta != 0.0:
@@ -323,7 +327,7 @@ def sample_loop(model_fn, scheduler, xT, eta=0.0, generator=None, noises=None, p
     xt = xT
     for i, t in enumerate(tqdm(scheduler.timesteps.tolist(), desc="sampling", disable=not progress)):
         t_batch = torch.full((xt.shape[0],), t, dtype=torch.int64, device=xt.device)  # (B,)
-        model_output = model_fn(xt, t_batch)
+        model_output = model_fn(xt, t_batch, i)
         noise = None if noises is None else noises[i]
         if is_ddim:
             xt = scheduler.step(model_output, t, xt, eta=eta, noise=noise, generator=generator)

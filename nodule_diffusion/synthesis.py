@@ -1,10 +1,14 @@
-"""Inserting generated nodules into full chest radiographs (design §4 "Synthesis").
+"""Synthesis: from trained files to nodules inserted into full chest radiographs (design §4 "Synthesis").
 
+Reading order (one call chain, sample.py → synthesize):
+    build_generator   checkpoint + adapter files + --strategy → generate(masks, contexts, requests) -> crops
+    generate_crops    the reverse chain (schedulers.sample_loop) for a batch of crops, noise seeded per (seed, index)
     request_mask      the requested nodule shape: a mask PNG, or an ellipse of a given diameter (seeded)
-    generate_crops    the reverse diffusion chain for a batch of crops, noise seeded per output (seed, index)
     paste             feathered paste-back: pixels outside dilate(M) are bit-identical to the input
     insert_nodules    crop → generate → paste for every request of one image, at any pixel spacing
     random_requests   nodules drawn inside the lung fields (sizes and attribute mix configurable)
+    synthesize        every image of a set: insert, write images, annotations.csv, COCO JSON, contact sheet
+    sample_grid / lora_grid   mask | real | generated grids written during and after training
 
 Reproducibility (design §3): every output's noise comes from its own CPU generator seeded by (seed, index), and
 the noise of every DDIM/DDPM step is drawn from it, so a result does not depend on batch size or device.
@@ -12,14 +16,20 @@ the noise of every DDIM/DDPM step is drawn from it, so a result does not depend 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
+from tqdm import tqdm
 
-from nodule_diffusion.data import DataError, crop_at, dilate
-from nodule_diffusion.schedulers import DDIMScheduler
+from nodule_diffusion import compose, formats
+from nodule_diffusion.common import atomic_path, progress_options, save_image_png
+from nodule_diffusion.data import (DataError, ImageRecord, Nodule, NoduleCrops, crop_at, dilate, read_image,
+                                   write_annotations, write_coco)
+from nodule_diffusion.diffusion import attr_tensor, load_model
+from nodule_diffusion.schedulers import DDIMScheduler, sample_loop
 
 
 @dataclass
@@ -61,6 +71,34 @@ def request_mask(request: Request, crop_size: int, scale: float) -> np.ndarray:
     return ((u / radius) ** 2 + (v / (radius * aspect)) ** 2 <= 1.0).astype(np.float32)
 
 
+def build_generator(ckpt: str, strategy: str, attributes: dict[str, str], lora_dir: Path, device,
+                    steps: int = 50, eta: float = 0.0, sampler: str = "ddim", guidance: float = 3.0,
+                    compositional: bool = False, tau: int = 5):
+    """Returns (generate(masks, contexts, requests) -> x0 crops, model). Every file is checked before sampling.
+
+    The model is rebuilt from the checkpoint alone (EMA weights); compose.eps_function loads the adapters the
+    strategy needs and gives the ε of every step; generate_crops runs the reverse chain.
+    """
+    if strategy not in compose.STRATEGIES:
+        raise DataError(f"--strategy {strategy!r}: choose one of {', '.join(compose.STRATEGIES)}")
+    model, payload = load_model(ckpt, device)
+    model.eval()
+    if (strategy == "cfg") != (payload["kind"] == "cfg"):
+        raise DataError(f"{ckpt}: strategy {strategy!r} needs a {'cfg' if strategy == 'cfg' else 'base'} "
+                        f"checkpoint, this one is {payload['kind']!r}")
+    eps_fn = compose.eps_function(model, payload["fingerprint"], strategy, attributes, Path(lora_dir), guidance,
+                                  compositional, tau, steps)
+    scheduler = model.diffusion.scheduler(sampler)
+    scheduler.set_timesteps(steps)
+
+    def generate(masks, contexts, requests, originals=None):  # originals: unused, the model sees only context
+        masks, contexts = masks.to(device), contexts.to(device)
+        return generate_crops(lambda xt, t, k: eps_fn(xt, t, k, masks, contexts), scheduler, masks, contexts,
+                              [r.seed for r in requests], [r.index for r in requests], eta)
+
+    return generate, model
+
+
 @torch.no_grad()
 def generate_crops(eps_fn, scheduler, mask: torch.Tensor, context: torch.Tensor, seeds: list[int],
                    indices: list[int], eta: float = 0.0) -> torch.Tensor:
@@ -68,22 +106,15 @@ def generate_crops(eps_fn, scheduler, mask: torch.Tensor, context: torch.Tensor,
 
     eps_fn(xt, t (B,), step_index) -> model output (B, 1, S, S); mask/context (B, 1, S, S) on the model's device.
     1. x_T ~ N(0, I) from each output's own generator                                  [DDPM Alg. 2 l.1]
-    2. for each (t, t_prev): x_prev = step(model(x_t, t), t, x_t, noise from the same generators) [DDIM Eq. 12]
-    Returns x0 (B, 1, S, S) in [-1, 1] (clamped: the data range).
+    2. schedulers.sample_loop: x_prev = step(model(x_t, t), t, x_t), fresh noise from the same generators
+    Returns x0 (B, 1, S, S) in [-1, 1] (clamped: the data range). DDPM takes no η (ignored).
     """
-    device = mask.device
     gens = [output_generator(s, i) for s, i in zip(seeds, indices)]
     shape = (1, *mask.shape[1:])
-    xt = torch.cat([torch.randn(shape, generator=g) for g in gens]).to(device)  # (B, 1, S, S)
-    ddpm = not isinstance(scheduler, DDIMScheduler)  # DDPM steps take no eta
-    for k, t in enumerate(scheduler.timesteps.tolist()):
-        out = eps_fn(xt, torch.full((len(xt),), t, dtype=torch.long, device=device), k)
-        noise = torch.cat([torch.randn(shape, generator=g) for g in gens]).to(device)
-        if ddpm:
-            xt = scheduler.step(out.float(), t, xt, noise=noise)
-        else:
-            xt = scheduler.step(out.float(), t, xt, eta=eta, noise=noise)
-    return xt.clamp(-1, 1)
+    xT = torch.cat([torch.randn(shape, generator=g) for g in gens]).to(mask.device)  # (B, 1, S, S)
+    eta = eta if isinstance(scheduler, DDIMScheduler) else 0.0
+    x0 = sample_loop(lambda xt, t, k: eps_fn(xt, t, k).float(), scheduler, xT, eta, generator=gens)
+    return x0.clamp(-1, 1)
 
 
 def feather(mask: np.ndarray, dilate_px: int) -> tuple[np.ndarray, np.ndarray]:
@@ -194,10 +225,6 @@ def random_requests(image: np.ndarray, n: int, spacing_mm: float, rng: np.random
 
 def contact_sheet(crops: list[np.ndarray], labels: list[str], path, columns: int = 8, zoom: int = 3) -> None:
     """A PNG grid of (S, S) crops in [0, 1], each with a short label underneath."""
-    from PIL import ImageDraw
-
-    from nodule_diffusion.common import atomic_path
-
     if not crops:
         return
     s = crops[0].shape[0] * zoom
@@ -211,3 +238,108 @@ def contact_sheet(crops: list[np.ndarray], labels: list[str], path, columns: int
         draw.text((c * s + 2, r * (s + 12) + s), label[: s // 6], fill=255)
     with atomic_path(path) as tmp:
         sheet.save(tmp, format="PNG")
+
+
+# ----------------------------------------------------------------------------------------------- synthetic sets
+def synthesize(records: list[ImageRecord], generate, out_dir: Path, vocab: dict, spacing_mm: float,
+               crop_size: int, attributes: dict, per_image: int, diameter_mm: tuple[float, float], seed: int,
+               requests: dict | None = None, dicom_out: bool = True) -> list[ImageRecord]:
+    """Insert nodules into every record's image; write images, annotations.csv, annotations.json, contact sheet.
+
+    requests: optional {image path: [Request, ...]} (from a requests CSV); else `per_image` random requests in
+    the lung field. Output records keep the source nodules (extra synthetic=0) and add the inserted ones
+    (synthetic=1, with seed and index). DICOM inputs give derived DICOMs, everything else 16-bit PNG.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out_records, sizes, crops, labels, index = [], [], [], [], 0
+    rng = np.random.default_rng(seed)
+    for rec in tqdm(records, desc="insert", **progress_options()):
+        image = read_image(rec.image, rec.frame)
+        spacing = rec.spacing_mm or spacing_mm
+        scale = spacing / spacing_mm  # working pixels per image pixel
+        todo = (requests or {}).get(str(rec.image))
+        if todo is None:
+            # Label only what the model is asked for: `generate` conditions on `attributes` alone, so drawing the
+            # other attributes at random would write labels the nodule was never generated with.
+            requested = {a: vocab[a] for a in attributes}
+            todo = random_requests(image, per_image, spacing, rng, requested, attributes, diameter_mm, seed, index)
+        index += len(todo)
+        new_image, masks = insert_nodules(image, todo, generate, crop_size, scale)
+        stem = f"{Path(rec.image).stem}_syn{seed}"
+        is_dicom = rec.image.suffix.lower() in (".dcm", ".dicom") or formats.is_dicom(rec.image)
+        target = out_dir / "images" / (stem + (".dcm" if is_dicom and dicom_out else ".png"))
+        nodules = [replace(n, extra={**n.extra, "synthetic": "0"}) for n in rec.nodules]
+        for req, mask in zip(todo, masks):
+            ys, xs = np.nonzero(mask)
+            box = (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))
+            mask_path = out_dir / "masks" / f"{stem}_{req.index}.png"
+            save_image_png(mask_path, mask.astype(np.uint8) * 255)
+            nodules.append(Nodule(box=box, attributes=dict(req.attributes), mask=mask_path,
+                                  diameter_mm=None if req.diameter_px is None else req.diameter_px * spacing,
+                                  extra={"synthetic": "1", "seed": str(req.seed), "index": str(req.index),
+                                         "source": str(rec.image)}))
+            patch = image_crop(new_image, box)
+            crops.append(patch)
+            labels.append(",".join(v[:5] for v in req.attributes.values()) or "nodule")
+        if is_dicom and dicom_out:
+            desc = "; ".join(f"nodule {n.extra.get('index')} {n.attributes} box {[round(v) for v in n.box]}"
+                             for n in nodules if n.extra.get("synthetic") == "1")
+            formats.write_derived_dicom(target, rec.image, new_image, f"nodule_diffusion synthetic: {desc}")
+        else:
+            save_image_png(target, new_image)
+        out_records.append(ImageRecord(image=target, nodules=nodules, spacing_mm=spacing))
+        sizes.append(new_image.shape)
+    write_annotations(out_dir / "annotations.csv", out_records, vocab)
+    write_coco(out_dir / "annotations.json", out_records, sizes)
+    contact_sheet(crops[:64], labels[:64], out_dir / "contact_sheet.png")
+    return out_records
+
+
+def image_crop(image: np.ndarray, box, size: int = 40) -> np.ndarray:
+    return crop_at(image, (box[0] + box[2]) / 2, (box[1] + box[3]) / 2, size)[0]
+
+
+# ----------------------------------------------------------------------------------------------- grids
+@torch.no_grad()
+def _generate_for(model, crops, indices, attrs, steps=25, seed=0):
+    """Generate crops for dataset items `indices` (their masks and contexts) with the given attribute rows."""
+    batch = crops.get(torch.as_tensor(indices))
+    device = next(model.parameters()).device
+    scheduler = model.diffusion.scheduler("ddim")
+    scheduler.set_timesteps(steps)
+    mask, context = batch["mask"].to(device), batch["context"].to(device)
+    attrs = attrs.to(device)
+    x0 = generate_crops(lambda xt, t, k: model(xt, t, mask, context, attrs), scheduler, mask, context,
+                        [seed] * len(indices), list(indices))
+    return batch, x0.cpu()
+
+
+def _grid(batch, x0, path, labels):
+    """mask | real | generated, where "generated" is what insertion keeps: the model's pixels inside the dilated
+    mask, the real context outside it."""
+    tiles, names = [], []
+    pasted = batch["context"] + batch["region"] * x0  # context is zero inside the region
+    for i in range(len(x0)):
+        tiles += [batch["mask"][i, 0].numpy(), (batch["x0"][i, 0].numpy() + 1) / 2, (pasted[i, 0].numpy() + 1) / 2]
+        names += ["mask", "real", labels[i]]
+    contact_sheet(tiles, names, path, columns=9)
+
+
+def sample_grid(model, crops: NoduleCrops, path: Path, n: int = 9) -> None:
+    """PNG grid of mask | real | generated triplets for the first n crops, generic token (the base stage)."""
+    idx = list(range(min(n, len(crops))))
+    attrs = attr_tensor({}, model.vocab, len(idx), "cpu")
+    batch, x0 = _generate_for(model, crops, idx, attrs)
+    _grid(batch, x0, path, ["generated"] * len(idx))
+
+
+def lora_grid(model, crops: NoduleCrops, name: str, path: Path, n: int = 9) -> None:
+    """PNG grid for one attribute adapter: masks of nodules *without* the value, generated *with* it."""
+    attribute, value = name.split("=", 1)
+    k = list(model.vocab).index(attribute)
+    other = torch.nonzero(crops.attrs[:, k] != model.vocab[attribute].index(value)).flatten()[:n].tolist()
+    idx = other or list(range(min(n, len(crops))))
+    attrs = attr_tensor({attribute: value}, model.vocab, len(idx), "cpu")
+    model.eval()
+    batch, x0 = _generate_for(model, crops, idx, attrs)
+    _grid(batch, x0, path, [value] * len(idx))

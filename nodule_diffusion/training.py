@@ -1,84 +1,35 @@
-"""Training objectives and the one visible training loop shared by every stage of `train.py`.
+"""Training: EMA, the one visible training loop, and the stage set-ups of `train.py` (design §1, §4).
 
 Papers: [DDPM] arXiv:2006.11239, [IDDPM] arXiv:2102.09672, [CFG] arXiv:2207.12598, [LoRA] arXiv:2106.09685,
-[ZipLoRA] arXiv:2311.13600, [OURS] the composition objective of design §4 / notes/method.md §3.
+[ZipLoRA] arXiv:2311.13600, [OrthoAdapt] arXiv:2312.02432, [OURS] the composition objective (compose.py).
 
-    denoising_loss     ε-MSE (or v / x0 target) up-weighted inside the dilated nodule mask   [DDPM Eq. 14]
-    DiffusionModel     UNet + attribute tokens + scheduler, and its ε(x_t, t) call
-    EMA                exponential moving average of weights used for sampling               [IDDPM §3]
-    fit                AdamW + linear warm-up + gradient clipping + optional bf16 autocast, exact resume
-
-DEVIATION: the paper's base model and resolution are unknown (notes/method.md §1); we train a small pixel-space
-inpainting UNet on nodule-centred crops (design §4) so that everything runs on a laptop CPU.
+    EMA             exponential moving average of weights used for sampling               [IDDPM §3]
+    fit             AdamW + linear warm-up + gradient clipping + optional bf16 autocast + EMA, exact resume;
+                    writes its own log lines, checkpoints and sample grids (RunFiles), no callbacks
+    train_base      base stage (generic token, attributes null) or the CFG baseline (attribute dropout) [CFG §3.2]
+    train_lora      one LoRA per attribute value on the nodules carrying it, base frozen          [LoRA]
+    train_compose   composition training of loaded adapters: compose.composition_objective    [OURS Eq. 1–3]
+    save_composed   the composed adapter file (mergers folded) and its per-adapter parts
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from nodule_diffusion.common import autocast, unwrap
-from nodule_diffusion.schedulers import DDIMScheduler, DDPMScheduler
-from nodule_diffusion.unet import AttributeTokens, UNet, UNetConfig
+from nodule_diffusion import compose, lora, synthesis
+from nodule_diffusion.common import DataError, JsonlLogger, autocast, progress_options, to_plain, unwrap
+from nodule_diffusion.data import NoduleCrops
+from nodule_diffusion.diffusion import (LORA_TARGETS, DiffusionModel, denoising_loss, only, save_lora, save_model,
+                                        subset_of)
 
 
-@dataclass
-class DiffusionConfig:
-    num_train_timesteps: int = 1000
-    beta_schedule: str = "cosine"  # cosine keeps small 32-px crops from being pure noise too early [IDDPM §3.2]
-    prediction_type: str = "epsilon"  # epsilon | v_prediction | sample
-    mask_weight: float = 5.0  # loss weight inside dilate(M) relative to outside (1.0 = plain ε-MSE)
-
-    def scheduler(self, sampler: str = "ddim"):
-        """The sampler; x0_pred is clipped to the data range [−1, 1] at every step, as pixel-space DDPM
-        samplers do (improved-diffusion's clip_denoised), which keeps a weakly trained model's chain bounded."""
-        cls = DDIMScheduler if sampler == "ddim" else DDPMScheduler
-        return cls(num_train_timesteps=self.num_train_timesteps, beta_schedule=self.beta_schedule,
-                   prediction_type=self.prediction_type, clip_sample=True)
-
-
-class DiffusionModel(torch.nn.Module):
-    """ε_θ(x_t, t, c; M, C): the inpainting UNet with its attribute tokens (design §4).
-
-    Input channels are [x_t, M, C] with C = x0·(1 − dilate(M)); tokens c = AttributeTokens(attrs), attrs (B, K)
-    int64 with −1 = null token.
-    """
-
-    def __init__(self, unet_config: UNetConfig, vocab: dict[str, list[str]], diffusion: DiffusionConfig):
-        super().__init__()
-        self.unet_config, self.vocab, self.diffusion = unet_config, vocab, diffusion
-        self.unet = UNet(unet_config)
-        self.tokens = AttributeTokens(vocab, unet_config.context_dim)
-
-    def forward(self, xt: torch.Tensor, t: torch.Tensor, mask: torch.Tensor, context_image: torch.Tensor,
-                attrs: torch.Tensor) -> torch.Tensor:
-        x = torch.cat([xt, mask, context_image], dim=1)  # (B, 3, S, S)
-        return self.unet(x, t, self.tokens(attrs))  # (B, 1, S, S)
-
-
-def denoising_loss(model, scheduler, batch: dict, mask_weight: float, generator: torch.Generator,
-                   attrs: torch.Tensor | None = None) -> torch.Tensor:
-    """Weighted denoising loss on one batch of crops (keys of data.NoduleCrops).
-
-    1. t ~ U{0, …, T−1}, ε ~ N(0, I)                                     [DDPM Alg. 1 l.3–4]
-    2. x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε                                       [DDPM Eq. 4]
-    3. loss = Σ w·‖target − model(x_t, t)‖² / Σ w, w = 1 + (λ−1)·dilate(M)  [DDPM Eq. 14, mask-weighted]
-    Randomness comes from `generator` (CPU) so that a resumed run draws exactly the same numbers.
-    """
-    x0 = batch["x0"]
-    b = x0.shape[0]
-    t = torch.randint(0, scheduler.num_train_timesteps, (b,), generator=generator).to(x0.device)
-    noise = torch.randn(x0.shape, generator=generator).to(x0.device)
-    xt = scheduler.add_noise(x0, noise, t)
-    pred = model(xt, t, batch["mask"], batch["context"], batch["attrs"] if attrs is None else attrs)
-    target = scheduler.training_target(x0, noise, t)
-    weight = 1.0 + (mask_weight - 1.0) * batch["region"]
-    return (weight * (pred.float() - target) ** 2).sum() / weight.sum()
-
-
+# ----------------------------------------------------------------------------------------------- the loop
 class EMA:
     """θ_ema ← d_k·θ_ema + (1 − d_k)·θ over floating-point tensors of a state dict [IDDPM §3].
 
@@ -104,16 +55,16 @@ class EMA:
 
 @dataclass
 class LoopConfig:
-    steps: int = 800  # ≈ 6 min on a 2-core CPU at batch 16 with the default UNet
-    batch_size: int = 16
-    lr: float = 3e-4
+    steps: int = 800  # optimiser steps of the stage (≈ 6 min on a 2-core CPU at batch 16, default UNet)
+    batch_size: int = 16  # crops per optimiser step (per process under DDP)
+    lr: float = 3e-4  # AdamW learning rate after the warm-up (base and cfg stages)
     warmup: int = 100  # linear warm-up steps
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
+    weight_decay: float = 0.0  # AdamW weight decay
+    grad_clip: float = 1.0  # clip the gradient norm to this value (0 = off)
     ema_decay: float = 0.999  # 0 disables EMA
     bf16: bool = True  # bf16 autocast on CUDA only
-    log_every: int = 50
-    checkpoint_every: int = 500
+    log_every: int = 50  # a log.jsonl line every N steps (and at the last)
+    checkpoint_every: int = 500  # base/cfg checkpoint every N steps (and at the last)
     sample_every: int = 500  # sample grid PNG every N steps (0 = only at the end)
     extra: dict = field(default_factory=dict)
 
@@ -124,15 +75,35 @@ def lr_at(step: int, cfg: LoopConfig) -> float:
     return cfg.lr * min(1.0, (step + 1) / warmup)
 
 
+
+
+@dataclass
+class RunFiles:
+    """What `fit` writes on rank 0 while it runs (design §3 "Progress", "Checkpoints").
+
+    log: log.jsonl lines {stage, step, loss, extras} every log_every steps and at the last step. checkpoint (base
+    and cfg stages): the model checkpoint of `kind`, written atomically every checkpoint_every steps and at the last
+    step, and, with grid_crops, a sample grid samples_<stage>_<step>.png next to it every sample_every steps and at
+    the last step, drawn with the EMA weights (those the checkpoint samples with).
+    """
+
+    log: JsonlLogger | None = None
+    stage: str = "train"
+    checkpoint: Path | None = None
+    kind: str = "base"
+    train_config: dict = field(default_factory=dict)
+    grid_crops: NoduleCrops | None = None
+
+
 def fit(model: torch.nn.Module, params: list[torch.nn.Parameter], loss_fn, cfg: LoopConfig,
-        device: torch.device, generator: torch.Generator, state: dict | None = None, on_step=None,
-        desc: str = "train", rank: int = 0) -> dict:
+        device: torch.device, generator: torch.Generator, state: dict | None = None, desc: str = "train",
+        rank: int = 0, files: RunFiles | None = None) -> dict:
     """The training loop: AdamW, warm-up, clipping, EMA, autocast, tqdm; resumable from `state`.
 
-    loss_fn(step) -> (loss tensor, dict of extra scalars to log). `on_step(step, loop_state)` is called after every
-    optimiser step (the script uses it for logging, checkpoints and sample grids). Returns the loop state:
-    {step, optimizer, ema (or None), generator, losses}. With `state` from a checkpoint the run continues exactly:
-    same data order, same noise, same losses.
+    loss_fn(step) -> (loss tensor, dict of extra scalars to log). Returns the loop state:
+    {step, optimizer, ema (or None), generator, loss, extras}. With `state` from a checkpoint the run continues
+    exactly: same data order, same noise, same losses. `files` says what to write as it goes (RunFiles).
+    1. lr_k from the warm-up; 2. loss, backward, clip, AdamW step; 3. EMA update; 4. log, checkpoint, grid.
     """
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
@@ -145,32 +116,44 @@ def fit(model: torch.nn.Module, params: list[torch.nn.Parameter], loss_fn, cfg: 
         generator.set_state(state["generator"])
         start = state["step"]
     loop = {"step": start, "optimizer": optimizer, "ema": ema, "generator": generator}
-    bar = tqdm(range(start, cfg.steps), desc=desc, initial=start, total=cfg.steps, disable=rank != 0)
+    bar = tqdm(range(start, cfg.steps), desc=desc, initial=start, total=cfg.steps, disable=rank != 0,
+               **progress_options())
     for step in bar:
-        for group in optimizer.param_groups:
+        for group in optimizer.param_groups:  # 1.
             group["lr"] = lr_at(step, cfg)
-        with autocast(device, cfg.bf16):
+        with autocast(device, cfg.bf16):  # 2.
             loss, extras = loss_fn(step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
-        if ema is not None:
+        if ema is not None:  # 3.
             ema.update(model)
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower --lr")
         loop.update(step=step + 1, loss=loss.item(), extras=extras)
         bar.set_postfix(loss=f"{loss.item():.4f}")
-        if on_step is not None:
-            on_step(step + 1, loop)
+        if files is not None and rank == 0:  # 4.
+            write_run_files(files, model, loop, cfg)
     return loop
 
 
-def loop_state_dict(loop: dict) -> dict:
-    """The parts of a loop state that go into a checkpoint (tensors and primitives only)."""
-    return {"step": loop["step"], "optimizer": loop["optimizer"].state_dict(),
-            "ema": None if loop["ema"] is None else loop["ema"].shadow, "generator": loop["generator"].get_state()}
+def write_run_files(files: RunFiles, model: DiffusionModel, loop: dict, cfg: LoopConfig) -> None:
+    """Step 4 of `fit`: the log line, the checkpoint and the sample grid that are due after step loop["step"]."""
+    step, last = loop["step"], loop["step"] == cfg.steps
+    if files.log is not None and (step % cfg.log_every == 0 or last):
+        files.log.log(stage=files.stage, step=step, loss=loop["loss"], **(loop.get("extras") or {}))
+    if files.checkpoint is None:
+        return
+    if step % cfg.checkpoint_every == 0 or last:
+        save_model(files.checkpoint, model, loop, files.kind, files.train_config)
+    if files.grid_crops is not None and ((cfg.sample_every and step % cfg.sample_every == 0) or last):
+        sampler = copy.deepcopy(unwrap(model))  # the sampling (EMA) weights, as the checkpoint stores them
+        if loop["ema"] is not None:
+            sampler.load_state_dict(loop["ema"].shadow)
+        grid = files.checkpoint.parent / f"samples_{files.stage}_{step:06d}.png"
+        synthesis.sample_grid(sampler.eval(), files.grid_crops, grid)
 
 
 def random_batch(dataset, batch_size: int, generator: torch.Generator, device: torch.device,
@@ -187,6 +170,110 @@ def drop_attributes(attrs: torch.Tensor, p: float, generator: torch.Generator) -
     return attrs.masked_fill(drop.to(attrs.device), -1)
 
 
-def mse(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return (weight * (a.float() - b.float()) ** 2).sum() / weight.sum()
+# ----------------------------------------------------------------------------------------------- stage set-ups
+def train_base(model: DiffusionModel, crops: NoduleCrops, cfg: LoopConfig, device, generator, state=None,
+               cfg_dropout: float | None = None, rank: int = 0, files: RunFiles | None = None) -> dict:
+    """Base stage (generic token, attributes null) or, with cfg_dropout, the CFG baseline (attribute tokens)."""
+    scheduler = model.diffusion.scheduler()
+    net = model if not torch.distributed.is_initialized() else torch.nn.parallel.DistributedDataParallel(model)
 
+    def loss_fn(step):
+        batch = random_batch(crops, cfg.batch_size, generator, device)
+        if cfg_dropout is None:
+            attrs = torch.full_like(batch["attrs"], -1)  # base: generic "nodule" token, every attribute null
+        else:
+            attrs = drop_attributes(batch["attrs"], cfg_dropout, generator)
+        return denoising_loss(net, scheduler, batch, model.diffusion.mask_weight, generator, attrs), {}
+
+    return fit(model, list(model.parameters()), loss_fn, cfg, device, generator, state,
+               desc="cfg" if cfg_dropout is not None else "base", rank=rank, files=files)
+
+
+def train_lora(model: DiffusionModel, crops: NoduleCrops, attribute: str, value: str, r: int, alpha: float,
+               cfg: LoopConfig, device, generator, init: str = "kaiming", files: RunFiles | None = None) -> dict:
+    """LoRA stage for one attribute value: adapter on the attention projections + that value's token train.
+
+    init="orthogonal_bases": Orthogonal Adaptation [Po et al. 2024 §3.2]: A is a fixed slice of a shared random
+    orthogonal basis, disjoint for every value of the vocabulary, and only B trains; any two such adapters then
+    have ⟨ΔW_i, ΔW_j⟩_F = 0 by construction (the "fixed orthogonal bases" strategy, merged by `linear`).
+    """
+    idx = subset_of(crops, model.vocab, attribute, value)
+    name = f"{attribute}={value}"
+    model.requires_grad_(False)
+    lora.inject_lora(model.unet, LORA_TARGETS, name, r, alpha)
+    if init == "orthogonal_bases":
+        _fix_orthogonal_basis(model, name, r)
+    elif init != "kaiming":
+        raise DataError(f"--lora_init {init!r}: choose kaiming or orthogonal_bases")
+    lora.set_active(model.unet, [name])
+    token = model.tokens.values[name]
+    token.requires_grad_(True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    scheduler = model.diffusion.scheduler()
+
+    def loss_fn(step):
+        batch = random_batch(crops, cfg.batch_size, generator, device, subset=idx)
+        attrs = only(batch["attrs"], model.vocab, [attribute])
+        return denoising_loss(model, scheduler, batch, model.diffusion.mask_weight, generator, attrs), {}
+
+    cfg = LoopConfig(**{**to_plain(cfg), "ema_decay": 0.0})  # adapters are small and short-trained: no EMA
+    return fit(model, params, loss_fn, cfg, device, generator, desc=f"lora {name}", files=files)
+
+
+def _fix_orthogonal_basis(model: DiffusionModel, name: str, r: int) -> None:
+    """Replace A of adapter `name` in every layer by its disjoint slice of a seeded orthogonal basis; freeze A."""
+    values = [f"{a}={v}" for a, vs in model.vocab.items() for v in vs]
+    slot = values.index(name)
+    with torch.no_grad():
+        for layer_name, layer in lora.lora_layers(model.unet).items():
+            if layer.in_features < r * len(values):
+                raise DataError(f"orthogonal_bases: layer {layer_name} has {layer.in_features} inputs, fewer than "
+                                f"rank {r} × {len(values)} vocabulary values; lower --lora_rank")
+            bases = lora.orthogonal_bases(layer.in_features, r, len(values), seed=0)  # same seed: shared basis
+            layer.lora_A[name].copy_(bases[slot])
+            layer.lora_A[name].requires_grad_(False)
+
+
+def train_compose(model: DiffusionModel, crops: NoduleCrops, names: list[str], strategy: str, cfg: LoopConfig,
+                  device, generator, lambda_orth: float, lambda_attn: float, lambda_zip: float,
+                  files: RunFiles | None = None) -> dict:
+    """Composition training of loaded adapters `names` (each "attribute=value") with --strategy ortho | ziplora.
+
+    Trainable: ZipLoRA-style merger vectors m_k per adapted layer [ZipLoRA §3] (base, factors, tokens frozen);
+    the loss is compose.composition_objective [OURS Eq. 1–3] on nodules carrying each attribute.
+    """
+    subsets = [subset_of(crops, model.vocab, *n.split("=", 1)) for n in names]
+    model.requires_grad_(False)
+    for layer in lora.lora_layers(model.unet).values():
+        for n in names:
+            layer.add_merger(n)
+    params = [p for layer in lora.lora_layers(model.unet).values() for k, p in layer.lora_m.items() if k in names]
+    for p in params:
+        p.requires_grad_(True)
+
+    def loss_fn(step):
+        return compose.composition_objective(
+            model, names, lambda k: random_batch(crops, cfg.batch_size, generator, device, subset=subsets[k]),
+            generator, strategy, lambda_orth, lambda_attn, lambda_zip)
+
+    cfg = LoopConfig(**{**to_plain(cfg), "ema_decay": 0.0})
+    return fit(model, params, loss_fn, cfg, device, generator, desc=f"compose {strategy}", files=files)
+
+
+def composed_factors(model: DiffusionModel, names: list[str]) -> dict:
+    """Fold the trained mergers into one exact composed adapter: the weighted sum of the ΔW̃_k (`linear`)."""
+    return compose.linear([lora.adapter_factors(model.unet, n) for n in names], [1.0] * len(names))
+
+
+def save_composed(path: Path, model: DiffusionModel, names: list[str], base_fp: str, config: dict) -> None:
+    """Write the composed adapter (factors folded, scale 1) with every attribute token it needs."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    factors = {k: (a.detach(), b.detach()) for k, (a, b) in composed_factors(model, names).items()}
+    lora.add_factors(model.unet, "composed", factors)
+    extra = {f"token:{n}": model.tokens.values[n].detach().cpu() for n in names}
+    lora.save_adapter(path, model.unet, "composed", base_fp, {**config, "adapters": names}, extra)
+    lora.remove_adapter(model.unet, "composed")
+    parts = path.with_suffix(".parts")  # each adapter with its trained mergers: the "after" of the diagnostics
+    parts.mkdir(parents=True, exist_ok=True)
+    for n in names:
+        save_lora(parts / f"{n}.pt", model, n, base_fp, {**config, "adapter": n})

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from conftest import oracle
 from nodule_diffusion import compose, lora
 
 LAYERS = ("blocks.0.attn2.to_k", "blocks.0.attn2.to_v")
@@ -95,7 +96,7 @@ def test_ties_hand_computed():
 
 
 def test_ties_matches_peft_merge_utils():
-    pytest.importorskip("peft", reason="peft's merge_utils is the TIES/DARE oracle")
+    oracle("peft", reason="peft's merge_utils is the TIES/DARE oracle")
     from peft.utils import merge_utils
     adapters, weights = random_adapters(3, seed=3), [0.5, 1.0, -0.7]
     for majority in ("total", "frequency"):

@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import tiny_loop
 
-from nodule_diffusion import compose, control, diagnostics, lora, stages
+from nodule_diffusion import compose, datasets, diffusion, evaluation, lora, synthesis, training
 from nodule_diffusion.synthesis import Request
 
 NAMES = ["texture=solid", "margin=smooth"]
@@ -22,11 +22,11 @@ CPU = torch.device("cpu")
 
 def _with_random_adapters(tiny_base, seed=0, scale=0.05):
     """The tiny base with two LoRAs whose B is random (a trained LoRA is non-zero; B = 0 makes every cosine 0)."""
-    model, payload = stages.load_model(tiny_base, CPU)
+    model, payload = diffusion.load_model(tiny_base, CPU)
     model.requires_grad_(False)
     gen = torch.Generator().manual_seed(seed)
     for name in NAMES:
-        lora.inject_lora(model.unet, stages.LORA_TARGETS, name, 4, 4)
+        lora.inject_lora(model.unet, diffusion.LORA_TARGETS, name, 4, 4)
         for layer in lora.lora_layers(model.unet).values():
             layer.lora_B[name].data = torch.randn(layer.lora_B[name].shape, generator=gen) * scale
     # Make the two adapters overlap on purpose: a shared direction in every layer raises the cosine.
@@ -41,13 +41,13 @@ def _measures(model, crops):
     factors = [lora.adapter_factors(model.unet, n) for n in NAMES]
     orth = float(lora.orthogonality_loss(factors))
     batch = crops.get(torch.arange(8))
-    attrs = control.attr_tensor({"texture": "solid", "margin": "smooth"}, model.vocab, 8, CPU)
+    attrs = diffusion.attr_tensor({"texture": "solid", "margin": "smooth"}, model.vocab, 8, CPU)
     t = torch.full((8,), 500, dtype=torch.long)
     model.unet.set_attention_capture(True)
     with torch.no_grad():
         model(batch["x0"], t, batch["mask"], batch["context"], attrs)
-    positions = [model.tokens.token_position(n.split("=")[0]) for n in NAMES]
-    attn = float(stages.attention_overlap(model, positions, batch["mask"]))
+    per_token = compose.token_attention(model, [n.split("=")[0] for n in NAMES])
+    attn = float(compose.mean_pair_overlap(per_token, batch["mask"]))
     model.unet.set_attention_capture(False)
     return orth, attn
 
@@ -56,7 +56,7 @@ def test_ortho_composition_lowers_orthogonality_and_attention_overlap(tiny_base,
     model, _ = _with_random_adapters(tiny_base)
     before = _measures(model, disk_crops)  # no mergers yet: m = 1, the plain sum of the adapters
     gen = torch.Generator().manual_seed(0)
-    stages.train_compose(model, disk_crops, NAMES, "ortho", tiny_loop(30, lr=2e-2, ema_decay=0.0), CPU, gen,
+    training.train_compose(model, disk_crops, NAMES, "ortho", tiny_loop(30, lr=2e-2, ema_decay=0.0), CPU, gen,
                          lambda_orth=10.0, lambda_attn=10.0, lambda_zip=0.0)
     after = _measures(model, disk_crops)
     assert before[0] > 1e-3, "the constructed adapters must start non-orthogonal"
@@ -66,11 +66,11 @@ def test_ortho_composition_lowers_orthogonality_and_attention_overlap(tiny_base,
 
 def test_composed_adapter_equals_sum_of_merged_adapters(tiny_base, disk_crops, tmp_path):
     model, payload = _with_random_adapters(tiny_base)
-    stages.train_compose(model, disk_crops, NAMES, "ziplora", tiny_loop(3, lr=1e-2, ema_decay=0.0), CPU,
+    training.train_compose(model, disk_crops, NAMES, "ziplora", tiny_loop(3, lr=1e-2, ema_decay=0.0), CPU,
                          torch.Generator().manual_seed(0), 1.0, 0.1, 0.01)
     path = tmp_path / "compose" / "ziplora.pt"
-    stages.save_composed(path, model, NAMES, payload["fingerprint"], {"strategy": "ziplora"})
-    factors = stages.composed_factors(model, NAMES)
+    training.save_composed(path, model, NAMES, payload["fingerprint"], {"strategy": "ziplora"})
+    factors = training.composed_factors(model, NAMES)
     expected = {k: sum(compose._delta(*lora.adapter_factors(model.unet, n)[k]) for n in NAMES) for k in factors}
     for k, (a, b) in factors.items():
         assert torch.allclose(b @ a, expected[k], atol=1e-5)
@@ -80,9 +80,9 @@ def test_composed_adapter_equals_sum_of_merged_adapters(tiny_base, disk_crops, t
 def test_orthogonal_bases_lora_is_exactly_orthogonal(tiny_base, disk_crops):
     factors = []
     for name in NAMES:
-        model, _ = stages.load_model(tiny_base, CPU)  # each adapter on a fresh copy of the base
+        model, _ = diffusion.load_model(tiny_base, CPU)  # each adapter on a fresh copy of the base
         attribute, value = name.split("=")
-        stages.train_lora(model, disk_crops, attribute, value, 2, 2, tiny_loop(3, lr=1e-2, ema_decay=0.0), CPU,
+        training.train_lora(model, disk_crops, attribute, value, 2, 2, tiny_loop(3, lr=1e-2, ema_decay=0.0), CPU,
                           torch.Generator().manual_seed(1), init="orthogonal_bases")
         factors.append({k: (a.detach().clone(), b.detach().clone())
                         for k, (a, b) in lora.adapter_factors(model.unet, name).items()})
@@ -93,22 +93,22 @@ def test_orthogonal_bases_lora_is_exactly_orthogonal(tiny_base, disk_crops):
 
 
 def test_cfg_stage_and_guided_sampling(tiny_base, disk_crops, tmp_path):
-    model, _ = stages.load_model(tiny_base, CPU, raw=True)
-    state = stages.train_base(model, disk_crops, tiny_loop(3), CPU, torch.Generator().manual_seed(0), tmp_path,
-                              cfg_dropout=0.1)
-    stages.save_model(tmp_path / "cfg.pt", model, state, "cfg", {})
+    model, _ = diffusion.load_model(tiny_base, CPU, raw=True)
+    state = training.train_base(model, disk_crops, tiny_loop(3), CPU, torch.Generator().manual_seed(0),
+                                cfg_dropout=0.1)
+    diffusion.save_model(tmp_path / "cfg.pt", model, state, "cfg", {})
     attributes = {"texture": "solid", "margin": "smooth"}
     mask = (torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(0)) > 0.7).float()
     context = torch.zeros(2, 1, 16, 16)
     requests = [Request(0, 0, 5, attributes=attributes, seed=1, index=i) for i in range(2)]
     outs = []
     for compositional in (False, True):
-        gen, _ = control.build_generator(str(tmp_path / "cfg.pt"), "cfg", attributes, tmp_path, CPU, steps=4,
+        gen, _ = synthesis.build_generator(str(tmp_path / "cfg.pt"), "cfg", attributes, tmp_path, CPU, steps=4,
                                          guidance=3.0, compositional=compositional)
         outs.append(gen(mask, context, requests))
     assert all(torch.isfinite(o).all() and o.shape == (2, 1, 16, 16) for o in outs)
     with pytest.raises(Exception, match="needs a base checkpoint"):
-        control.build_generator(str(tmp_path / "cfg.pt"), "linear", attributes, tmp_path, CPU)
+        synthesis.build_generator(str(tmp_path / "cfg.pt"), "linear", attributes, tmp_path, CPU)
 
 
 def test_diagnose_writes_json_and_png(tiny_base, disk_crops, tmp_path, monkeypatch):
@@ -117,14 +117,14 @@ def test_diagnose_writes_json_and_png(tiny_base, disk_crops, tmp_path, monkeypat
     shutil.copy(tiny_base, root / "base.pt")  # lora/ and compose/ are written next to the checkpoint
     model, payload = _with_random_adapters(root / "base.pt")
     for n in NAMES:
-        stages.save_lora(root / "lora" / f"{n}.pt", model, n, payload["fingerprint"], {})
-    stages.train_compose(model, disk_crops, NAMES, "ortho", tiny_loop(2, lr=1e-2, ema_decay=0.0), CPU,
+        diffusion.save_lora(root / "lora" / f"{n}.pt", model, n, payload["fingerprint"], {})
+    training.train_compose(model, disk_crops, NAMES, "ortho", tiny_loop(2, lr=1e-2, ema_decay=0.0), CPU,
                          torch.Generator().manual_seed(0), 1.0, 0.1, 0.0)
-    stages.save_composed(control.composed_path(root, "ortho", NAMES), model, NAMES, payload["fingerprint"], {})
+    training.save_composed(diffusion.composed_path(root, "ortho", NAMES), model, NAMES, payload["fingerprint"], {})
     # diagnose draws its crops from a phantom; use the disk crops instead (fast, same code path after loading).
-    monkeypatch.setattr(diagnostics, "NoduleCrops", lambda *a, **k: disk_crops)
-    monkeypatch.setattr(stages, "load_records", lambda *a, **k: [])
-    result = diagnostics.diagnose(str(root / "base.pt"), ",".join(NAMES), tmp_path, CPU, 0)
+    monkeypatch.setattr(evaluation, "NoduleCrops", lambda *a, **k: disk_crops)
+    monkeypatch.setattr(datasets, "load_records", lambda *a, **k: [])
+    result = evaluation.diagnose(str(root / "base.pt"), ",".join(NAMES), tmp_path, CPU, 0)
     saved = json.loads((tmp_path / "diagnose.json").read_text())
     assert set(saved) == {"before", "after"} and (tmp_path / "diagnose.png").is_file()
     assert 0.0 <= result["before"]["attention_overlap"] <= 1.0

@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import oracle
 from nodule_diffusion.data import (
     DEFAULT_VOCAB, DataError, ImageRecord, Nodule, NoduleCrops, attribute_indices, crop_at, dilate, load_record,
     nodule_mask, read_annotations, read_coco, read_image, write_annotations, write_coco)
@@ -220,7 +221,7 @@ def test_coco_round_trip(scene):
     assert ann["bbox"] == [30.5, 25.25, 41.75 - 30.5, 40.0 - 25.25]  # [x, y, w, h]
     assert ann["area"] == pytest.approx((41.75 - 30.5) * (40.0 - 25.25))
     assert [img["file_name"] for img in coco["images"]] == ["img/a.png", "img/b.png"]
-    pycoco = pytest.importorskip("pycocotools.coco", reason="pycocotools is the COCO-format oracle")
+    pycoco = oracle("pycocotools.coco", reason="pycocotools is the COCO-format oracle")
     api = pycoco.COCO(str(path))
     assert len(api.getAnnIds(imgIds=[1])) == 2 and len(api.getAnnIds(imgIds=[2])) == 0
 

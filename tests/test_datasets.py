@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import oracle
 from nodule_diffusion import data, datasets, formats
 from nodule_diffusion.data import DataError
 
@@ -172,7 +173,7 @@ def test_nih_malformed(tmp_path, row, match):
 
 # --------------------------------------------------------------------------------------------- VinDr-CXR
 def write_dicom(path, rows=64, cols=80):
-    pydicom = pytest.importorskip("pydicom", reason="pydicom is needed to build DICOM fixtures")
+    pydicom = oracle("pydicom", reason="pydicom is needed to build DICOM fixtures")
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 

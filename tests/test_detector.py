@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 
+from conftest import oracle
 from nodule_diffusion.data import DataError
 from nodule_diffusion.detector import (DetectorConfig, FasterRCNN, box_iou, decode_boxes, encode_boxes,
                                        make_anchors, nms, predict_all, roi_align, train_detector)
@@ -35,7 +36,7 @@ def test_box_iou_hand_cases_and_zero_area():
 
 
 def test_box_iou_matches_torchvision():
-    ops = pytest.importorskip("torchvision.ops", reason="torchvision is the oracle")
+    ops = oracle("torchvision.ops", reason="torchvision is the oracle")
     g = torch.Generator().manual_seed(0)
     a, b = random_boxes(40, 100, 30, g), random_boxes(30, 100, 30, g)
     b[:5, 2:] = b[:5, :2]  # zero-area boxes: torchvision gives NaN only where the union is 0 as well
@@ -55,7 +56,7 @@ def test_nms_hand_case_strict_threshold_and_ties():
 
 @pytest.mark.parametrize("threshold", [0.0, 0.3, 0.5, 0.7, 1.0])
 def test_nms_matches_torchvision(threshold):
-    ops = pytest.importorskip("torchvision.ops", reason="torchvision is the oracle")
+    ops = oracle("torchvision.ops", reason="torchvision is the oracle")
     g = torch.Generator().manual_seed(1)
     for n in (1, 2, 17, 200):
         boxes = random_boxes(n, 100, 40, g)
@@ -113,7 +114,7 @@ def test_roi_align_hand_case():
 @pytest.mark.parametrize("aligned", [False, True])
 @pytest.mark.parametrize("sampling_ratio", [-1, 0, 1, 2])
 def test_roi_align_matches_torchvision(aligned, sampling_ratio):
-    ops = pytest.importorskip("torchvision.ops", reason="torchvision is the oracle")
+    ops = oracle("torchvision.ops", reason="torchvision is the oracle")
     g = torch.Generator().manual_seed(3)
     for H, W, scale in ((7, 11, 1.0), (16, 16, 0.5), (5, 3, 0.25), (32, 32, 0.125)):
         features = torch.randn(3, 4, H, W, generator=g)
@@ -124,9 +125,9 @@ def test_roi_align_matches_torchvision(aligned, sampling_ratio):
         rois = torch.cat([torch.randint(0, 3, (40, 1), generator=g).float(), boxes], dim=1)
         for output_size in (1, 7, (2, 5)):
             ours = roi_align(features, rois, output_size, scale, sampling_ratio, aligned)
-            oracle = ops.roi_align(features, rois, output_size, scale, sampling_ratio, aligned)
-            assert ours.shape == oracle.shape
-            assert torch.allclose(ours, oracle, atol=1e-5), (H, W, scale, output_size)
+            reference = ops.roi_align(features, rois, output_size, scale, sampling_ratio, aligned)
+            assert ours.shape == reference.shape
+            assert torch.allclose(ours, reference, atol=1e-5), (H, W, scale, output_size)
 
 
 def test_roi_align_gradient_gradcheck_and_torchvision():
@@ -135,11 +136,11 @@ def test_roi_align_gradient_gradcheck_and_torchvision():
                         dtype=torch.float64)
     for aligned in (False, True):
         assert torch.autograd.gradcheck(lambda f: roi_align(f, rois, (3, 2), 1.0, 0, aligned), (features,))
-    ops = pytest.importorskip("torchvision.ops", reason="torchvision is the oracle")
+    ops = oracle("torchvision.ops", reason="torchvision is the oracle")
     weights = torch.randn(3, 2, 3, 2, dtype=torch.float64)
     ours = torch.autograd.grad((roi_align(features, rois, (3, 2), 1.0, 2) * weights).sum(), features)[0]
-    oracle = torch.autograd.grad((ops.roi_align(features, rois, (3, 2), 1.0, 2) * weights).sum(), features)[0]
-    assert torch.allclose(ours, oracle, atol=1e-10)
+    reference = torch.autograd.grad((ops.roi_align(features, rois, (3, 2), 1.0, 2) * weights).sum(), features)[0]
+    assert torch.allclose(ours, reference, atol=1e-10)
 
 
 # --------------------------------------------------------------------------------------------------- the model
@@ -224,7 +225,7 @@ def test_predict_contract_and_mode_independence():
 
 
 def test_overfits_a_few_blob_images():
-    metrics = pytest.importorskip("nodule_diffusion.metrics", reason="AP is computed by metrics.py")
+    metrics = oracle("nodule_diffusion.metrics", reason="AP is computed by metrics.py")
     images, targets = blob_images(6)  # 2 images without nodules, 6 nodules
     torch.manual_seed(0)
     model = FasterRCNN(tiny_config())

@@ -14,10 +14,11 @@ import zlib
 import numpy as np
 import pytest
 
+from conftest import oracle
 from nodule_diffusion import formats
 from nodule_diffusion.data import DataError
 
-pydicom = pytest.importorskip("pydicom", reason="pydicom is needed to build DICOM fixtures")
+pydicom = oracle("pydicom", reason="pydicom is needed to build DICOM fixtures")
 from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
 from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless, generate_uid  # noqa: E402
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from conftest import oracle
 from nodule_diffusion import compose, lora
 from nodule_diffusion.data import DataError
 
@@ -301,7 +302,7 @@ def test_fixed_orthogonal_basis_adapter_freezes_A():
 
 
 def test_peft_parity():
-    peft = pytest.importorskip("peft", reason="peft is the LoRA oracle")
+    peft = oracle("peft", reason="peft is the LoRA oracle")
     torch.manual_seed(0)
     model = nn.Sequential()
     model.add_module("to_k", nn.Linear(10, 7))

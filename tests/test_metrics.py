@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import oracle
 from nodule_diffusion import metrics
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -41,7 +42,7 @@ def random_scene(rng, n_images=12, p_negative=0.3, p_no_det=0.15):
 
 
 def test_roc_auc_matches_sklearn_with_ties():
-    sklearn_metrics = pytest.importorskip("sklearn.metrics", reason="scikit-learn is the AUC oracle")
+    sklearn_metrics = oracle("sklearn.metrics", reason="scikit-learn is the AUC oracle")
     rng = np.random.default_rng(0)
     for trial in range(20):
         n = int(rng.integers(5, 200))
@@ -81,7 +82,7 @@ def test_box_iou_np_known_values_and_degenerate():
 
 
 def test_box_iou_np_matches_torchvision():
-    ops = pytest.importorskip("torchvision.ops", reason="torchvision is the IoU oracle")
+    ops = oracle("torchvision.ops", reason="torchvision is the IoU oracle")
     rng = np.random.default_rng(1)
     xy = rng.uniform(0, 50, size=(30, 2))
     boxes = np.concatenate([xy, xy + rng.uniform(1, 30, size=(30, 2))], axis=1)
@@ -190,8 +191,8 @@ def test_average_precision_edge_cases():
 
 def coco_ap50(gt, boxes, scores):
     """AP@0.5 from pycocotools COCOeval: single category, area 'all', large maxDets."""
-    coco_mod = pytest.importorskip("pycocotools.coco", reason="pycocotools is the AP oracle")
-    cocoeval_mod = pytest.importorskip("pycocotools.cocoeval", reason="pycocotools is the AP oracle")
+    coco_mod = oracle("pycocotools.coco", reason="pycocotools is the AP oracle")
+    cocoeval_mod = oracle("pycocotools.cocoeval", reason="pycocotools is the AP oracle")
 
     def xywh(b):
         return [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])]
@@ -218,7 +219,7 @@ def coco_ap50(gt, boxes, scores):
 
 
 def test_average_precision_matches_pycocotools():
-    pytest.importorskip("pycocotools", reason="pycocotools is the AP oracle")
+    oracle("pycocotools", reason="pycocotools is the AP oracle")
     rng = np.random.default_rng(3)
     for _ in range(6):
         gt, boxes, scores = random_scene(rng, n_images=10)
@@ -293,7 +294,7 @@ def test_paired_bootstrap_diff():
 
 
 def test_frechet_distance_matches_scipy_sqrtm_formula():
-    linalg = pytest.importorskip("scipy.linalg", reason="scipy.linalg.sqrtm is the FD oracle")
+    linalg = oracle("scipy.linalg", reason="scipy.linalg.sqrtm is the FD oracle")
     rng = np.random.default_rng(6)
     a = rng.normal(size=(200, 8)) @ rng.normal(size=(8, 8))
     b = rng.normal(size=(150, 8)) @ rng.normal(size=(8, 8)) + 0.5

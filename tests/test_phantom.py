@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import oracle
 from nodule_diffusion import phantom
 from nodule_diffusion.data import DEFAULT_VOCAB, DataError, read_annotations, read_image
 from nodule_diffusion.phantom import PhantomConfig, draw_nodule, image_rng, make_dataset, make_image
@@ -53,7 +54,7 @@ def test_image_i_does_not_depend_on_n_images(tmp_path):
 
 # ------------------------------------------------------------------------------------------ ground-truth geometry
 def test_masks_boxes_inside_lungs_and_image():
-    scipy_ndimage = pytest.importorskip("scipy.ndimage", reason="scipy is the connected-component oracle")
+    scipy_ndimage = oracle("scipy.ndimage", reason="scipy is the connected-component oracle")
     count = 0
     for image, nodules, lung in _images(0, 30, negative_fraction=0.0, max_nodules=3, **MEDIUM):
         assert lung.dtype == bool and lung.shape == image.shape and lung.any()

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import oracle
 from nodule_diffusion.schedulers import (DDIMScheduler, DDPMScheduler, SchedulerConfig, make_betas,
                                          sample_loop)
 
@@ -21,7 +22,7 @@ SHAPE = (2, 1, 4, 4)  # (B, C, H, W)
 
 
 def _diffusers():
-    return pytest.importorskip("diffusers", reason="diffusers is the parity oracle")
+    return oracle("diffusers", reason="diffusers is the parity oracle")
 
 
 def _reference(cls_name, T, schedule, prediction, spacing, beta_start=1e-4, beta_end=0.02):
@@ -221,6 +222,27 @@ def test_ddim_step_trailing_linspace_vs_diffusers(spacing, prediction):
     assert compared == len(pairs)
 
 
+@pytest.mark.parametrize("eta", [0.0, 0.5])
+def test_sample_loop_full_ddim_chain_matches_diffusers(eta):
+    """The loop that synthesis samples with (sample_loop) against diffusers' DDIM run step by step over the same
+    chain (leading spacing, where diffusers' t − T//n equals our pairs), same fresh noise at every step."""
+    T, n = 1000, 12
+    ours = DDIMScheduler(num_train_timesteps=T)
+    ref = _reference("DDIMScheduler", T, "linear", "epsilon", "leading")
+    ours.set_timesteps(n)
+    ref.set_timesteps(n)
+    assert ours.timesteps.tolist() == ref.timesteps.tolist()
+    model_fn = lambda xt, t, k: 0.3 * xt + 1e-4 * t.reshape(-1, 1, 1, 1).to(xt.dtype)  # noqa: E731
+    xT = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    noises = torch.randn(n, *SHAPE, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    want = xT
+    for k, t in enumerate(ref.timesteps):
+        out = model_fn(want, t.expand(SHAPE[0]), k)
+        want = ref.step(out, t, want, eta=eta, variance_noise=noises[k]).prev_sample
+    got = sample_loop(model_fn, ours, xT, eta=eta, noises=noises)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-9)
+
+
 # ---- analytic identities ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("prediction", PREDICTIONS)
 def test_ddim_eta1_full_chain_is_ddpm_posterior(prediction):
@@ -269,13 +291,13 @@ def test_oracle_denoiser_recovers_x0(cls, prediction):
 
     alpha_bar = torch.cumprod(1 - torch.from_numpy(make_betas("linear", 1000)), 0)  # (T,) float64
 
-    def oracle(xt, t_batch):
+    def knows_x0(xt, t_batch, step_index):
         a = alpha_bar[t_batch].reshape(-1, 1, 1, 1)  # (B, 1, 1, 1)
         eps = (xt - a.sqrt() * x0) / (1 - a).sqrt()  # [DDPM Eq. 4] solved for eps
         return sched.training_target(x0, eps, t_batch)
 
     xT = torch.randn(SHAPE, generator=g, dtype=torch.float64)
-    got = sample_loop(oracle, sched, xT, generator=torch.Generator().manual_seed(1))
+    got = sample_loop(knows_x0, sched, xT, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(got, x0, rtol=0, atol=1e-5)
 
 
@@ -284,7 +306,7 @@ def test_oracle_denoiser_recovers_x0(cls, prediction):
 def test_seeded_loop_reproduces_and_is_batch_independent(cls, eta):
     sched = cls(num_train_timesteps=100)
     sched.set_timesteps(10)
-    model_fn = lambda xt, t: 0.1 * xt + 1e-3 * t.reshape(-1, 1, 1, 1)  # noqa: E731
+    model_fn = lambda xt, t, k: 0.1 * xt + 1e-3 * t.reshape(-1, 1, 1, 1)  # noqa: E731
     xT = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(0))
 
     def run(seed, x=xT):
@@ -301,12 +323,12 @@ def test_seeded_loop_reproduces_and_is_batch_independent(cls, eta):
 def test_given_noises_equal_manual_steps_and_eta0_ignores_generator():
     sched = DDIMScheduler(num_train_timesteps=100)
     sched.set_timesteps(5)
-    model_fn = lambda xt, t: 0.2 * xt  # noqa: E731
+    model_fn = lambda xt, t, k: 0.2 * xt  # noqa: E731
     xT = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
     noises = torch.randn(5, *SHAPE, generator=torch.Generator().manual_seed(1))  # (n, B, C, H, W)
     xt = xT
     for i, t in enumerate(sched.timesteps):
-        xt = sched.step(model_fn(xt, t.expand(SHAPE[0])), t, xt, eta=0.3, noise=noises[i])
+        xt = sched.step(model_fn(xt, t.expand(SHAPE[0]), i), t, xt, eta=0.3, noise=noises[i])
     torch.testing.assert_close(sample_loop(model_fn, sched, xT, eta=0.3, noises=noises), xt, rtol=0, atol=0)
     # η = 0 is deterministic: no noise is drawn, the generator is irrelevant
     a = sample_loop(model_fn, sched, xT, generator=torch.Generator().manual_seed(0))

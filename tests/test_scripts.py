@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from conftest import TINY_UNET_FLAGS, tiny_loop, train_tiny_base
-from nodule_diffusion import stages
+from nodule_diffusion import diffusion, training
 from nodule_diffusion.data import DEFAULT_VOCAB, dilate, read_annotations, read_image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,10 +58,11 @@ def bad_input_files(tmp_path_factory, tiny_base, disk_crops, disk_csv) -> dict[s
     (root / "truncated.pt").write_bytes(data[: len(data) // 2])
 
     # A LoRA trained on base A (the seed-0 tiny base) and a second base B trained with another seed (1).
-    model, payload = stages.load_model(tiny_base, torch.device("cpu"))
-    stages.train_lora(model, disk_crops, "texture", "solid", 2, 2.0, tiny_loop(1), torch.device("cpu"),
+    model, payload = diffusion.load_model(tiny_base, torch.device("cpu"))
+    training.train_lora(model, disk_crops, "texture", "solid", 2, 2.0, tiny_loop(1), torch.device("cpu"),
                       torch.Generator().manual_seed(0))
-    stages.save_lora(root / "lora_of_base_a" / "texture=solid.pt", model, "texture=solid", payload["fingerprint"], {})
+    diffusion.save_lora(root / "lora_of_base_a" / "texture=solid.pt", model, "texture=solid", payload["fingerprint"],
+                        {})
     train_tiny_base(root / "base_b" / "base.pt", disk_crops, seed=1, steps=2)
 
     # An annotation CSV whose third row has x1 < x0 (image paths absolute, so the CSV may live anywhere).

@@ -1,4 +1,4 @@
-"""Tests for nodule_diffusion.synthesis (and the generator of control.py): insertion leaves every pixel outside the
+"""Tests for nodule_diffusion.synthesis (and its generator, build_generator): insertion leaves every pixel outside the
 dilated nodule mask bit-identical, noise is seeded per output so batch size does not matter, requested shapes
 have the requested size, and the feathered paste is exact where its weight is 0 or 1.
 """
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from nodule_diffusion import control
+from nodule_diffusion import synthesis
 from nodule_diffusion.data import DEFAULT_VOCAB, DataError, crop_at, dilate
 from nodule_diffusion.schedulers import DDIMScheduler, DDPMScheduler
 from nodule_diffusion.synthesis import (Request, feather, generate_crops, insert_nodules, paste, random_requests,
@@ -193,8 +193,8 @@ def test_generate_crops_does_not_depend_on_batch_size(sampler, eta):
 
 
 def test_model_generation_is_batch_independent_and_reproducible(tiny_base, tmp_path):
-    """The real tiny model through control.build_generator: batch 1 vs 4, repeat, and another seed."""
-    generate, _ = control.build_generator(str(tiny_base), "base", {}, tmp_path / "lora", torch.device("cpu"),
+    """The real tiny model through synthesis.build_generator: batch 1 vs 4, repeat, and another seed."""
+    generate, _ = synthesis.build_generator(str(tiny_base), "base", {}, tmp_path / "lora", torch.device("cpu"),
                                           steps=4)
     masks, contexts = _masks_and_contexts(4)
     reqs = [Request(0, 0, diameter_px=5, seed=3, index=i) for i in range(4)]

@@ -1,4 +1,4 @@
-"""Tests for nodule_diffusion.training and nodule_diffusion.stages: loss, EMA, exact resume, checkpoints, LoRA stage.
+"""Tests for nodule_diffusion.training and nodule_diffusion.diffusion: loss, EMA, exact resume, checkpoints, LoRA stage.
 
 All models are the tiny UNet of conftest.py (16-px crops, 16/32 channels); runs are a handful of optimiser steps,
 except the "loss goes down" test (40 steps on the easy disk data set).
@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from conftest import tiny_loop, tiny_unet_config
-from nodule_diffusion import lora, stages
+from nodule_diffusion import diffusion, lora, training
 from nodule_diffusion.data import DEFAULT_VOCAB, DataError
-from nodule_diffusion.training import (EMA, DiffusionConfig, DiffusionModel, denoising_loss, drop_attributes,
-                                       loop_state_dict)
+from nodule_diffusion.diffusion import DiffusionConfig, DiffusionModel, denoising_loss, loop_state_dict
+from nodule_diffusion.training import EMA, RunFiles, drop_attributes
 
 CPU = torch.device("cpu")
 
@@ -100,29 +100,38 @@ def test_training_lowers_the_loss(disk_crops, tmp_path):
 
     before = evaluate()
     assert before == pytest.approx(1.0, abs=0.15)  # zero-initialised output: loss = E[ε²] = 1 at the start
-    stages.train_base(model, disk_crops, tiny_loop(40, ema_decay=0.0), CPU, torch.Generator().manual_seed(0),
-                      tmp_path)
+    training.train_base(model, disk_crops, tiny_loop(40, ema_decay=0.0), CPU, torch.Generator().manual_seed(0))
     assert evaluate() < 0.5 * before
+
+
+class LossList:
+    """A stand-in for the run's JsonlLogger: collects the logged losses (tiny_loop logs every step)."""
+
+    def __init__(self, losses: list):
+        self.losses = losses
+
+    def log(self, **record):
+        self.losses.append(record["loss"])
 
 
 def test_resume_gives_the_same_losses_as_an_uninterrupted_run(disk_crops, tmp_path):
     """Train 6 steps straight vs 3 steps → checkpoint on disk → rebuild → 3 more: identical losses and weights."""
     loop = tiny_loop(6)
     straight, losses_straight = new_model(0), []
-    state_straight = stages.train_base(straight, disk_crops, loop, CPU, torch.Generator().manual_seed(5), tmp_path,
-                                       on_step=lambda step, s: losses_straight.append(s["loss"]))
+    state_straight = training.train_base(straight, disk_crops, loop, CPU, torch.Generator().manual_seed(5),
+                                         files=RunFiles(LossList(losses_straight)))
 
     first, losses_resumed = new_model(0), []
-    state = stages.train_base(first, disk_crops, tiny_loop(3), CPU, torch.Generator().manual_seed(5), tmp_path,
-                              on_step=lambda step, s: losses_resumed.append(s["loss"]))
+    state = training.train_base(first, disk_crops, tiny_loop(3), CPU, torch.Generator().manual_seed(5),
+                                files=RunFiles(LossList(losses_resumed)))
     path = tmp_path / "interrupted.pt"
-    stages.save_model(path, first, state, "base", {})
+    diffusion.save_model(path, first, state, "base", {})
     del first, state
-    second, payload = stages.load_model(path, CPU, raw=True)
+    second, payload = diffusion.load_model(path, CPU, raw=True)
     assert payload["loop"]["step"] == 3
     generator = torch.Generator().manual_seed(999)  # deliberately wrong: the checkpoint's state must win
-    resumed = stages.train_base(second, disk_crops, loop, CPU, generator, tmp_path, state=payload["loop"],
-                                on_step=lambda step, s: losses_resumed.append(s["loss"]))
+    resumed = training.train_base(second, disk_crops, loop, CPU, generator, state=payload["loop"],
+                                  files=RunFiles(LossList(losses_resumed)))
 
     assert len(losses_straight) == 6 and losses_resumed == losses_straight  # bit-identical floats
     for (name, a), b in zip(straight.state_dict().items(), second.state_dict().values()):
@@ -136,23 +145,23 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(disk_crops, tmp_pa
 def test_checkpoint_round_trip_rebuilds_the_model(disk_crops, tmp_path):
     """weights_only=True loads the file; load_model rebuilds raw and EMA models from it alone, same outputs."""
     model = new_model(1)
-    state = stages.train_base(model, disk_crops, tiny_loop(2), CPU, torch.Generator().manual_seed(0), tmp_path)
+    state = training.train_base(model, disk_crops, tiny_loop(2), CPU, torch.Generator().manual_seed(0))
     path = tmp_path / "base.pt"
-    stages.save_model(path, model, state, "base", {"note": "test"})
+    diffusion.save_model(path, model, state, "base", {"note": "test"})
 
     payload = torch.load(path, weights_only=True)
     for key in ("format_version", "kind", "unet_config", "vocab", "diffusion_config", "weights", "model", "loop",
                 "rng_state", "train_config", "fingerprint"):
         assert key in payload, key
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in payload["model"])
-    assert payload["fingerprint"] == stages.fingerprint(payload["weights"])
+    assert payload["fingerprint"] == diffusion.fingerprint(payload["weights"])
     loop = loop_state_dict(state)
     assert payload["loop"]["step"] == loop["step"] == 2
 
     inputs = fixed_inputs(model)
     model.eval()
-    raw, _ = stages.load_model(path, CPU, raw=True)
-    ema_model, _ = stages.load_model(path, CPU)
+    raw, _ = diffusion.load_model(path, CPU, raw=True)
+    ema_model, _ = diffusion.load_model(path, CPU)
     raw.eval(), ema_model.eval()
     with torch.no_grad():
         assert torch.equal(raw(*inputs), model(*inputs))
@@ -172,16 +181,16 @@ def test_broken_checkpoints_raise_data_error(tiny_base, tmp_path):
     torch.save({"state_dict": {"w": torch.zeros(2)}}, foreign)
     for path in (truncated, empty, foreign, tmp_path / "missing.pt"):
         with pytest.raises(DataError, match=path.name):
-            stages.load_model(path, CPU)
+            diffusion.load_model(path, CPU)
 
 
 def test_checkpoint_of_the_wrong_kind_is_refused(tiny_base, tmp_path):
-    model, payload = stages.load_model(tiny_base, CPU)
-    lora.inject_lora(model.unet, stages.LORA_TARGETS, "texture=solid", 2, 2.0)
+    model, payload = diffusion.load_model(tiny_base, CPU)
+    lora.inject_lora(model.unet, diffusion.LORA_TARGETS, "texture=solid", 2, 2.0)
     path = tmp_path / "texture=solid.pt"
-    stages.save_lora(path, model, "texture=solid", payload["fingerprint"], {})
+    diffusion.save_lora(path, model, "texture=solid", payload["fingerprint"], {})
     with pytest.raises(DataError, match="not a diffusion model checkpoint"):
-        stages.load_model(path, CPU)
+        diffusion.load_model(path, CPU)
 
 
 # ----------------------------------------------------------------------------------------------- LoRA stage
@@ -191,9 +200,9 @@ def _base_name(key: str) -> str:
 
 
 def test_lora_stage_trains_only_the_adapter_and_its_token(tiny_base, disk_crops):
-    model, _ = stages.load_model(tiny_base, CPU)
+    model, _ = diffusion.load_model(tiny_base, CPU)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    stages.train_lora(model, disk_crops, "texture", "solid", 4, 4.0, tiny_loop(3), CPU,
+    training.train_lora(model, disk_crops, "texture", "solid", 4, 4.0, tiny_loop(3), CPU,
                       torch.Generator().manual_seed(0))
 
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -216,9 +225,9 @@ def test_lora_stage_trains_only_the_adapter_and_its_token(tiny_base, disk_crops)
 
 
 def test_lora_stage_rejects_values_without_data(tiny_base, disk_crops):
-    model, _ = stages.load_model(tiny_base, CPU)
+    model, _ = diffusion.load_model(tiny_base, CPU)
     with pytest.raises(DataError, match="unknown attribute value"):
-        stages.train_lora(model, disk_crops, "texture", "plaid", 2, 2.0, tiny_loop(1), CPU, torch.Generator())
+        training.train_lora(model, disk_crops, "texture", "plaid", 2, 2.0, tiny_loop(1), CPU, torch.Generator())
     with pytest.raises(DataError, match="calcification=calcified"):  # the disk data set has no calcification labels
-        stages.train_lora(model, disk_crops, "calcification", "calcified", 2, 2.0, tiny_loop(1), CPU,
+        training.train_lora(model, disk_crops, "calcification", "calcified", 2, 2.0, tiny_loop(1), CPU,
                           torch.Generator())

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import oracle
 from nodule_diffusion.common import DataError
 from nodule_diffusion.unet import (Attention, AttributeTokens, SpatialTransformer, UNet, UNetConfig,
                                    count_parameters, timestep_embedding)
@@ -223,7 +224,7 @@ def test_transformers_listed_in_forward_order():
 # ----------------------------------------------------------------------------------------------- diffusers oracle
 @pytest.mark.parametrize("context_dim", [None, 12])
 def test_attention_matches_diffusers(context_dim):
-    pytest.importorskip("diffusers", reason="diffusers is the reference for Attention")
+    oracle("diffusers", reason="diffusers is the reference for Attention")
     from diffusers.models.attention_processor import Attention as DiffusersAttention
 
     torch.manual_seed(0)
@@ -243,7 +244,7 @@ def test_attention_matches_diffusers(context_dim):
 
 
 def test_timestep_embedding_matches_diffusers():
-    pytest.importorskip("diffusers", reason="diffusers is the reference for the timestep embedding")
+    oracle("diffusers", reason="diffusers is the reference for the timestep embedding")
     from diffusers.models.embeddings import get_timestep_embedding
 
     t = torch.tensor([0, 1, 10, 500, 999])
@@ -262,7 +263,7 @@ def _bench_module():
 @pytest.mark.parametrize("cfg", [tiny(), tiny(channel_mult=(1, 2, 2), attention_levels=(0, 2), num_res_blocks=2)])
 def test_unet_matches_diffusers(cfg):
     """Same weights in diffusers' UNet2DConditionModel with the matched architecture give the same output."""
-    pytest.importorskip("diffusers", reason="diffusers UNet2DConditionModel is the reference UNet")
+    oracle("diffusers", reason="diffusers UNet2DConditionModel is the reference UNet")
     bench = _bench_module()
     ours = perturbed(cfg)
     theirs = bench.diffusers_twin(cfg)
