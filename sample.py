@@ -7,7 +7,7 @@ Examples:
     python sample.py --ckpt runs/demo/base.pt --attributes texture=ground_glass,margin=spiculated \\
         --strategy ortho --out_dir runs/demo/syn_ortho
     # a training-free merge of the single adapters, or a sampling-time strategy
-    python sample.py --ckpt runs/demo/base.pt --attributes texture=solid,margin=lobulated --strategy linear
+    python sample.py --ckpt runs/demo/base.pt --attributes texture=solid,margin=ill_defined --strategy linear
     # CFG baseline with compositional guidance
     python sample.py --ckpt runs/demo/cfg.pt --strategy cfg --guidance 3 --compositional \\
         --attributes texture=ground_glass,margin=spiculated

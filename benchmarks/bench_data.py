@@ -29,7 +29,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nodule_diffusion import phantom  # noqa: E402
 from nodule_diffusion.data import (  # noqa: E402
-    DEFAULT_VOCAB, ImageRecord, Nodule, NoduleCrops, dilate, read_annotations)
+    DEFAULT_VOCAB, ImageRecord, Nodule, NoduleCrops, read_annotations)
 
 TARGET_CROPS_PER_S = 2000.0
 
@@ -59,7 +59,7 @@ def reference_get(ds: NoduleCrops, indices: torch.Tensor) -> dict[str, torch.Ten
     m, s = ds.max_shift, ds.crop_size
     x0 = ds.patches[indices, :, m:m + s, m:m + s]  # (B, 1, S, S)
     mask = ds.masks[indices, :, m:m + s, m:m + s]  # (B, 1, S, S)
-    region = dilate(mask, ds.dilate_px)
+    region = ds.regions[indices, :, m:m + s, m:m + s]  # (B, 1, S, S)
     return {"x0": x0, "mask": mask, "region": region, "context": x0 * (1 - region), "attrs": ds.attrs[indices]}
 
 

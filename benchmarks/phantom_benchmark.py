@@ -66,7 +66,7 @@ def train_models(out: Path, s: dict, device: str) -> list[tuple[str, str]]:
                                 attributes=f"texture={tex},margin={mar}"),
                         replace(loop, steps=s["compose_steps"]), unet, diffusion)
     train.run_stage(replace(base_cfg, stage="compose", ckpt=ckpt, strategy="ortho",
-                            attributes="texture=part_solid,margin=lobulated,calcification=calcified"),
+                            attributes="texture=part_solid,margin=ill_defined,calcification=calcified"),
                     replace(loop, steps=s["compose_steps"]), unet, diffusion)
     train.run_stage(replace(base_cfg, stage="cfg", ckpt=ckpt), replace(loop, steps=s["cfg_steps"]), unet, diffusion)
     return pairs
@@ -81,8 +81,8 @@ def controllability(out: Path, pairs, s: dict, device) -> dict:
     pool = load_records("phantom", out / "data", s["per_set"], 11, vocab)
     results = {"judge_train_accuracy": train_acc, "sets": []}
     jobs = [(f"texture={t},margin={m}", st) for (t, m), st in itertools.product(pairs, (*STRATEGIES, "cfg"))]
-    jobs.append(("texture=part_solid,margin=lobulated,calcification=calcified", "ortho"))
-    jobs.append(("texture=part_solid,margin=lobulated,calcification=calcified", "linear"))
+    jobs.append(("texture=part_solid,margin=ill_defined,calcification=calcified", "ortho"))
+    jobs.append(("texture=part_solid,margin=ill_defined,calcification=calcified", "linear"))
     for attrs_text, strategy in jobs:
         attributes = parse_attributes(attrs_text, vocab)
         ckpt = out / ("cfg.pt" if strategy == "cfg" else "base.pt")
@@ -188,7 +188,7 @@ def markdown(result: dict) -> str:
                      f"{mean(lambda x: x['accuracy']['margin']):.3f} | {mean(lambda x: x['accuracy']['all_requested']):.3f}"
                      f" | {mean(lambda x: np.mean(list(x['frechet_distance_judge'].values()) or [np.nan])):.2f} | "
                      f"{mean(lambda x: x['mask_dice_mean']):.3f} |")
-    lines += ["", "Three attributes (texture=part_solid, margin=lobulated, calcification=calcified):", "",
+    lines += ["", "Three attributes (texture=part_solid, margin=ill_defined, calcification=calcified):", "",
               "| strategy | texture | margin | calcification | all correct |", "|---|---|---|---|---|"]
     for x in sets:
         if x["attributes"].count("=") == 3:

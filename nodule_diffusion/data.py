@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
@@ -34,7 +35,7 @@ __all__ = ["DataError", "DEFAULT_VOCAB", "Nodule", "ImageRecord", "read_image", 
 # so adding a value means editing this dict (or passing a vocab JSON) and nothing else.
 DEFAULT_VOCAB: dict[str, list[str]] = {
     "texture": ["solid", "part_solid", "ground_glass"],
-    "margin": ["smooth", "lobulated", "spiculated"],
+    "margin": ["well_defined", "ill_defined", "spiculated"],
     "calcification": ["none", "calcified"],
 }
 
@@ -505,24 +506,53 @@ def dilate(mask: torch.Tensor, pixels: int) -> torch.Tensor:
     return torch.nn.functional.max_pool2d(mask.float(), 2 * pixels + 1, stride=1, padding=pixels)
 
 
+# How far beyond the body the regenerated region reaches, in units of the nodule's equivalent radius R = √(area/π):
+# margins draw there (spicules, a blurred border; the phantom's signatures reach ≤ phantom.REACH = 0.96·R).
+REGION_REACH = 1.0
+REGION_MIN_PX = 2
+
+
+def _disk(radius: int) -> torch.Tensor:
+    """(1, 1, 2r+1, 2r+1) float kernel of the pixels within Euclidean distance r of the centre."""
+    grid = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    return ((grid[:, None] ** 2 + grid[None, :] ** 2) <= radius ** 2 + 0.25).float()[None, None]
+
+
+def region_px(mask: torch.Tensor, reach: float = REGION_REACH, min_px: int = REGION_MIN_PX) -> torch.Tensor:
+    """(B, 1, H, W) masks → (B,) int64 dilation radius ⌈reach·R⌉ px (≥ min_px), R = √(area/π) per mask."""
+    radius = torch.sqrt(mask.float().flatten(1).sum(1) / math.pi)  # (B,) equivalent radius, px
+    return torch.ceil(reach * radius).long().clamp(min=min_px)
+
+
+def nodule_region(mask: torch.Tensor, reach: float = REGION_REACH, min_px: int = REGION_MIN_PX) -> torch.Tensor:
+    """Where a model regenerates pixels: each (B, 1, H, W) mask dilated by a disk of radius region_px (design §3:
+    the region holds what the attributes draw beyond the body, scaled with the nodule). Returns float {0, 1}."""
+    out = torch.zeros_like(mask, dtype=torch.float32)
+    px = region_px(mask, reach, min_px)
+    for p in px.unique().tolist():
+        idx = torch.nonzero(px == p).flatten()
+        out[idx] = (F.conv2d(mask[idx].float(), _disk(p).to(mask.device), padding=p) > 0).float()
+    return out
+
+
 class NoduleCrops(torch.utils.data.Dataset):
     """Nodule-centred crops for diffusion training, cached in memory.
 
     Each item is a dict:
         x0      (1, S, S) float32 in [-1, 1]   the real crop
         mask    (1, S, S) float32 {0, 1}       the nodule mask M (size and shape control)
-        region  (1, S, S) float32 {0, 1}       dilate(M, dilate_px): where the model regenerates pixels
+        region  (1, S, S) float32 {0, 1}       nodule_region(M): where the model regenerates pixels
         context (1, S, S) float32 in [-1, 1]   x0·(1 − region): the surrounding anatomy the model must blend with
         attrs   (K,) int64                     value index per vocabulary attribute, -1 = unknown
-    DEVIATION: the design writes C = x0·(1 − M); we hide the *dilated* mask so that halo and spicule tails just
-    outside M are regenerated too, matching insertion, which replaces exactly the dilated region.
+    The context hides the whole region, not only M (design §3), so that what the margin draws beyond the body
+    (spicules, a blurred border) is regenerated too; insertion replaces exactly the same region.
     Augmentation: horizontal/vertical flips and shifts of up to `max_shift` pixels (the cache keeps a margin).
     """
 
     def __init__(self, records: list[ImageRecord], vocab: dict[str, list[str]], crop_size: int = 32,
-                 spacing_mm: float | None = 1.4, augment: bool = True, max_shift: int = 2, dilate_px: int = 2,
+                 spacing_mm: float | None = 1.4, augment: bool = True, max_shift: int = 2, reach: float = REGION_REACH,
                  progress: bool = False):
-        self.crop_size, self.augment, self.dilate_px = crop_size, augment, dilate_px
+        self.crop_size, self.augment, self.reach = crop_size, augment, reach
         self.max_shift = max_shift if augment else 0
         big = crop_size + 2 * self.max_shift
         patches, masks, attrs = [], [], []
@@ -539,6 +569,7 @@ class NoduleCrops(torch.utils.data.Dataset):
             raise DataError("the dataset has no nodules to crop (every image is negative)")
         self.patches = torch.from_numpy(np.stack(patches)).unsqueeze(1) * 2 - 1  # (N, 1, S+2m, S+2m) in [-1, 1]
         self.masks = (torch.from_numpy(np.stack(masks)).unsqueeze(1) > 0.5).float()  # (N, 1, S+2m, S+2m)
+        self.regions = nodule_region(self.masks, reach)  # (N, 1, S+2m, S+2m)
         self.attrs = torch.tensor(attrs, dtype=torch.int64).reshape(len(attrs), len(vocab))  # (N, K)
 
     def __len__(self) -> int:
@@ -552,14 +583,13 @@ class NoduleCrops(torch.utils.data.Dataset):
             flips = torch.rand(n, 2, generator=generator) < 0.5
         else:
             shifts, flips = torch.full((n, 2), m), torch.zeros(n, 2, dtype=torch.bool)
-        x0, mask = [], []
+        x0, mask, region = [], [], []
         for i, (dy, dx), (fh, fv) in zip(indices.tolist(), shifts.tolist(), flips.tolist()):
             dims = [d for d, f in ((-1, fh), (-2, fv)) if f]
-            for src, out in ((self.patches, x0), (self.masks, mask)):
+            for src, out in ((self.patches, x0), (self.masks, mask), (self.regions, region)):
                 crop = src[i, :, dy:dy + s, dx:dx + s]  # (1, S, S)
                 out.append(crop.flip(dims) if dims else crop)
-        x0, mask = torch.stack(x0), torch.stack(mask)  # (B, 1, S, S)
-        region = dilate(mask, self.dilate_px)
+        x0, mask, region = torch.stack(x0), torch.stack(mask), torch.stack(region)  # (B, 1, S, S)
         return {"x0": x0, "mask": mask, "region": region, "context": x0 * (1 - region),
                 "attrs": self.attrs[indices]}
 

@@ -243,8 +243,8 @@ def train_attribute_judge(real, vocab, spacing_mm, settings: JudgeSettings, devi
     real_crops = NoduleCrops(real, vocab, settings.crop_size, spacing_mm, augment=False)
     r = real_crops.get(torch.arange(len(real_crops)))
     judge = AttributeJudge(vocab, JudgeConfig(crop_size=settings.crop_size, steps=settings.judge_steps))
-    train_acc = train_judge(judge, r["x0"], r["mask"], r["attrs"], device=device)
-    r["features"] = judge.cpu().features(r["x0"], r["mask"]).numpy()
+    train_acc = train_judge(judge, r["x0"], r["attrs"], device=device)
+    r["features"] = judge.cpu().features(r["x0"]).numpy()
     return judge, r, train_acc
 
 
@@ -253,11 +253,11 @@ def score_synthetic(judge, real: dict, synthetic, vocab, spacing_mm, crop_size: 
     syn = _only_synthetic(synthetic)
     syn_crops = NoduleCrops(syn, vocab, crop_size, spacing_mm, augment=False)
     s = syn_crops.get(torch.arange(len(syn_crops)))
-    pred = judge.predict(s["x0"], s["mask"])
+    pred = judge.predict(s["x0"])
     accuracy = attribute_accuracy(pred, s["attrs"], judge.vocab)
     known = s["attrs"] >= 0
     accuracy["all_requested"] = float(((pred == s["attrs"]) | ~known).all(1).float().mean())
-    syn_feats = judge.features(s["x0"], s["mask"]).numpy()
+    syn_feats = judge.features(s["x0"]).numpy()
     fd = {}
     for k, (name, values) in enumerate(vocab.items()):
         for v, value in enumerate(values):

@@ -9,12 +9,14 @@ Used for evaluation only (design §4 "Evaluation"):
 
 Implements
     JudgeConfig      crop size, width, training budget
-    AttributeJudge   shared conv trunk over (crop, mask) → features (D,) → one linear head per attribute
+    AttributeJudge   shared conv trunk over the crop alone → features (D,) → one linear head per attribute
     train_judge      multi-head cross-entropy with unknown labels (−1) ignored, dihedral augmentation
     attribute_accuracy, save_judge / load_judge (plain dict, torch.load(weights_only=True))
 
 Shapes: B batch, S crop side (pixels), K attributes, V_k values of attribute k, D = 4·width features.
-Inputs: crops (B, 1, S, S) float in [-1, 1] (the diffusion convention, design §3), masks (B, 1, S, S) in {0, 1}.
+Inputs: crops (B, 1, S, S) float in [-1, 1] (the diffusion convention, design §3), centred on the nodule. The
+judge never sees the mask (design §4): the mask is the requested body, so a judge that read it would score the
+request instead of what the model drew.
 
 Design choices (no paper defines this judge; the paper used radiologists, [OURS] arXiv:2603.01659)
     DEVIATION: a learned classifier stands in for the radiologist reading; its accuracy on held-out real crops
@@ -58,7 +60,7 @@ def _conv_block(c_in: int, c_out: int) -> nn.Sequential:
 
 
 class AttributeJudge(nn.Module):
-    """Shared conv trunk over the 2-channel input (crop, mask), then one linear head per attribute.
+    """Shared conv trunk over the crop (1 channel, no mask), then one linear head per attribute.
 
     vocab: attribute → list of values, e.g. data.DEFAULT_VOCAB; head k outputs logits over vocab[k]'s values
     in list order, and predictions are indices into that list. Weights are initialised from config.seed
@@ -77,7 +79,7 @@ class AttributeJudge(nn.Module):
             # receptive field of ~30 px, i.e. it sees the whole nodule and its margin. Small on purpose: the
             # judge must train in seconds on a 2-core CPU.
             self.trunk = nn.Sequential(
-                _conv_block(2, w), nn.AvgPool2d(2),
+                _conv_block(1, w), nn.AvgPool2d(2),
                 _conv_block(w, 2 * w), nn.AvgPool2d(2),
                 _conv_block(2 * w, 4 * w), nn.AvgPool2d(2),
                 _conv_block(4 * w, 4 * w), nn.AdaptiveAvgPool2d(1), nn.Flatten(),  # (B, D)
@@ -85,32 +87,30 @@ class AttributeJudge(nn.Module):
             self.heads = nn.ModuleDict({attr: nn.Linear(self.feature_dim, len(values))
                                         for attr, values in self.vocab.items()})
 
-    def _check(self, crops: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        """Validate shapes and stack the 2-channel input (B, 2, S, S) on the judge's device."""
+    def _check(self, crops: torch.Tensor) -> torch.Tensor:
+        """Validate the shape (B, 1, S, S) and move the crops to the judge's device as float32."""
         s = self.config.crop_size
         assert crops.ndim == 4 and crops.shape[1:] == (1, s, s), f"crops must be (B, 1, {s}, {s}), got {crops.shape}"
-        assert masks.shape == crops.shape, f"masks {tuple(masks.shape)} must match crops {tuple(crops.shape)}"
-        device = next(self.parameters()).device
-        return torch.cat([crops.float(), masks.float()], dim=1).to(device)  # (B, 2, S, S)
+        return crops.float().to(next(self.parameters()).device)  # (B, 1, S, S)
 
-    def forward(self, crops: torch.Tensor, masks: torch.Tensor) -> dict[str, torch.Tensor]:
-        """crops (B, 1, S, S) in [-1, 1], masks (B, 1, S, S) in {0, 1} → {attribute: logits (B, V_k)}."""
-        features = self.trunk(self._check(crops, masks))  # (B, D)
+    def forward(self, crops: torch.Tensor) -> dict[str, torch.Tensor]:
+        """crops (B, 1, S, S) in [-1, 1] → {attribute: logits (B, V_k)}."""
+        features = self.trunk(self._check(crops))  # (B, D)
         return {attr: head(features) for attr, head in self.heads.items()}
 
     @torch.no_grad()
-    def features(self, crops: torch.Tensor, masks: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    def features(self, crops: torch.Tensor, chunk: int = 256) -> torch.Tensor:
         """Penultimate features (N, D) float32 on the CPU, for the Fréchet distance; computed in chunks."""
-        out = [self.trunk(self._check(crops[i:i + chunk], masks[i:i + chunk])).cpu()
+        out = [self.trunk(self._check(crops[i:i + chunk])).cpu()
                for i in range(0, len(crops), chunk)]
         return torch.cat(out) if out else torch.zeros(0, self.feature_dim)
 
     @torch.no_grad()
-    def predict(self, crops: torch.Tensor, masks: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    def predict(self, crops: torch.Tensor, chunk: int = 256) -> torch.Tensor:
         """Predicted value index per attribute (N, K) int64 on the CPU; column k follows the vocab order."""
         columns = []
         for i in range(0, len(crops), chunk):
-            logits = self(crops[i:i + chunk], masks[i:i + chunk])
+            logits = self(crops[i:i + chunk])
             columns.append(torch.stack([logits[a].argmax(dim=1) for a in self.vocab], dim=1).cpu())  # (b, K)
         return torch.cat(columns) if columns else torch.zeros(0, len(self.vocab), dtype=torch.int64)
 
@@ -152,12 +152,12 @@ def _check_labels(judge: AttributeJudge, labels: torch.Tensor, n: int) -> None:
             raise DataError(f"judge labels: attribute '{attr}' has an index outside −1..{len(values) - 1}")
 
 
-def train_judge(judge: AttributeJudge, crops: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor,
+def train_judge(judge: AttributeJudge, crops: torch.Tensor, labels: torch.Tensor,
                 config: JudgeConfig | None = None, device: str | torch.device = "cpu",
                 progress: bool = True) -> dict[str, float]:
     """Train the judge in place with AdamW on Σ_k CE(head_k) over known labels; return training accuracy.
 
-    crops (N, 1, S, S) float in [-1, 1]; masks (N, 1, S, S) in {0, 1}; labels (N, K) int64, column k = value
+    crops (N, 1, S, S) float in [-1, 1], nodule-centred; labels (N, K) int64, column k = value
     index of attribute k (vocab order) or −1 = unknown, which is left out of that attribute's loss (and of the
     accuracy). Minibatches are drawn from a CPU generator seeded with config.seed, each sample flipped/rotated.
     Returns {attribute: accuracy on the un-augmented training set} (NaN where no label is known).
@@ -166,15 +166,15 @@ def train_judge(judge: AttributeJudge, crops: torch.Tensor, masks: torch.Tensor,
     labels = torch.as_tensor(labels, dtype=torch.int64)
     _check_labels(judge, labels, len(crops))
     judge.to(device).train()
-    inputs = torch.cat([crops.float(), masks.float()], dim=1)  # (N, 2, S, S), kept on CPU; batches move
+    inputs = crops.float()  # (N, 1, S, S), kept on CPU; batches move
     generator = torch.Generator().manual_seed(config.seed)
     optimizer = torch.optim.AdamW(judge.parameters(), lr=config.lr, weight_decay=1e-4)
     bar = tqdm(range(config.steps), desc="judge", disable=not progress)
     for _ in bar:
         index = torch.randint(0, len(inputs), (min(config.batch_size, len(inputs)),), generator=generator)
-        x = _augment(inputs[index], generator).to(device)  # (B, 2, S, S)
+        x = _augment(inputs[index], generator).to(device)  # (B, 1, S, S)
         y = labels[index].to(device)  # (B, K)
-        logits = judge(x[:, :1], x[:, 1:])
+        logits = judge(x)
         losses = [F.cross_entropy(logits[attr], y[:, k], ignore_index=-1)
                   for k, attr in enumerate(judge.vocab) if bool((y[:, k] >= 0).any())]  # all-unknown → no term
         if not losses:
@@ -185,7 +185,7 @@ def train_judge(judge: AttributeJudge, crops: torch.Tensor, masks: torch.Tensor,
         optimizer.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
     judge.eval()
-    return attribute_accuracy(judge.predict(crops, masks), labels, judge.vocab)
+    return attribute_accuracy(judge.predict(crops), labels, judge.vocab)
 
 
 def judge_to_dict(judge: AttributeJudge) -> dict:
@@ -226,3 +226,36 @@ def load_judge(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as error:
         raise DataError(f"{path}: cannot read judge checkpoint: {error}") from error
     return judge_from_dict(checkpoint, str(path))
+
+
+def mask_features(masks: torch.Tensor, harmonics: int = 8) -> torch.Tensor:
+    """Shape descriptors of (N, 1, S, S) {0, 1} masks → (N, 6 + harmonics) float64, for the mask-only control.
+
+    Design §3: attributes must not be readable from the conditioning mask. A classifier on these features (area,
+    second-moment axes and their ratio, perimeter, compactness, bounding-box fill, and the magnitudes of the first
+    `harmonics` Fourier coefficients of the border radius ρ(θ) / mean ρ) should predict no attribute better than
+    chance; tests and benchmarks/mask_independence.py check it with a random forest.
+    """
+    m = masks.double().flatten(2).reshape(len(masks), masks.shape[-2], masks.shape[-1])  # (N, S, S)
+    n, s = m.shape[0], m.shape[-1]
+    ys, xs = torch.meshgrid(torch.arange(s, dtype=torch.float64) + 0.5, torch.arange(s, dtype=torch.float64) + 0.5,
+                            indexing="ij")  # (S, S) pixel centres
+    area = m.sum((1, 2)).clamp(min=1)  # (N,)
+    cy, cx = (m * ys).sum((1, 2)) / area, (m * xs).sum((1, 2)) / area  # (N,)
+    dy, dx = ys - cy[:, None, None], xs - cx[:, None, None]  # (N, S, S)
+    cov = torch.stack([(m * dx * dx).sum((1, 2)), (m * dx * dy).sum((1, 2)), (m * dy * dy).sum((1, 2))], 1) / area[:, None]
+    half_trace, det = (cov[:, 0] + cov[:, 2]) / 2, cov[:, 0] * cov[:, 2] - cov[:, 1] ** 2
+    root = (half_trace ** 2 - det).clamp(min=0).sqrt()
+    major, minor = (half_trace + root).sqrt(), (half_trace - root).clamp(min=0).sqrt()  # (N,) axis std, px
+    # perimeter: 4-neighbour edges between mask and background
+    perimeter = (m[:, 1:] != m[:, :-1]).sum((1, 2)) + (m[:, :, 1:] != m[:, :, :-1]).sum((1, 2))
+    rows, cols = m.amax(2), m.amax(1)  # (N, S) occupancy of rows / columns
+    box = rows.sum(1) * cols.sum(1)
+    # border radius per angle bin: the farthest mask pixel from the centroid in each of 64 directions
+    angle = torch.atan2(dy, dx)  # (N, S, S)
+    bins = ((angle + math.pi) / (2 * math.pi) * 64).long().clamp(max=63).flatten(1)  # (N, S·S)
+    radius = (dx.hypot(dy) * m).flatten(1)  # (N, S·S), 0 outside the mask
+    rho = torch.zeros(n, 64, dtype=torch.float64).scatter_reduce(1, bins, radius, reduce="amax")  # (N, 64)
+    spectrum = torch.fft.rfft(rho / rho.mean(1, keepdim=True).clamp(min=1e-6), dim=1).abs()[:, 1:harmonics + 1] / 64
+    return torch.cat([torch.stack([area, major, minor / major.clamp(min=1e-6), perimeter,
+                                   perimeter ** 2 / area, area / box.clamp(min=1)], 1), spectrum], 1)

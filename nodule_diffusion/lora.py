@@ -425,7 +425,7 @@ def recorded_name(adapter: dict) -> str | None:
 
 def check_adapter_name(adapter: dict, expected_name: str, path: str | os.PathLike) -> None:
     """Refuse an adapter used under another name than the one its file records (e.g. texture=solid.pt renamed
-    margin=smooth.pt): its ΔW and token would draw texture=solid while outputs are labelled margin=smooth.
+    margin=well_defined.pt): its ΔW and token would draw texture=solid while outputs are labelled margin=well_defined.
 
     `adapter` is the file's payload (`read_adapter`). A file that records no name is accepted.
     """

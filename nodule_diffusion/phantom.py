@@ -11,8 +11,9 @@ The embedded default dataset (design §5); its labels (mask, box, diameter, attr
     CLI             python -m nodule_diffusion.phantom --out_dir DIR --n_images N --seed S [--preview]
 
 Papers: none is implemented. The signatures follow the glossary of [FLEISCHNER] Hansell et al., Radiology
-246(3):697-722, 2008 (solid / part-solid / ground-glass; smooth / lobulated / spiculated; central and popcorn
-calcification); the numbers are ours, chosen so each value is recognisable in a 32×32 crop at 1.4 mm/px.
+246(3):697-722, 2008 (solid / part-solid / ground-glass; well- / ill-defined / spiculated margins; round, oval
+or lobulated shape; central and popcorn calcification); the numbers are ours, chosen so each value is
+recognisable in a 32×32 crop at 1.4 mm/px.
 
 Conventions (design §3): float32 (H, W) in [0, 1], dense = bright. x = column, y = row, pixel i covers
 [i, i + 1), so a mask's box is (x_min, y_min, x_max + 1, y_max + 1). Image left = patient's right: the heart
@@ -44,7 +45,8 @@ class PhantomConfig:
     spacing_mm: float = 1.4                          # isotropic pixel spacing, mm / pixel
     negative_fraction: float = 0.25                  # probability that an image has no nodule
     max_nodules: int = 2                             # a positive image has 1..max_nodules nodules (uniform)
-    diameter_mm: tuple[float, float] = (8.0, 24.0)   # nodule body diameter, mm, uniform in [lo, hi]
+    diameter_mm: tuple[float, float] = (8.0, 18.0)   # nodule body diameter, mm, uniform in [lo, hi]
+    lobulated_fraction: float = 0.35                 # shape: probability of a lobulated body outline (in the mask)
     contrast: tuple[float, float] = (0.16, 0.24)     # intensity a solid body adds, [0, 1] units, uniform
     noise: float = 0.012                             # noise std at intensity 0.5, [0, 1] units
     vocab: dict[str, list[str]] = field(default_factory=lambda: {k: list(v) for k, v in DEFAULT_VOCAB.items()})
@@ -54,9 +56,11 @@ class PhantomConfig:
         self.diameter_mm, self.contrast = tuple(map(float, self.diameter_mm)), tuple(map(float, self.contrast))
         (d_lo, d_hi), (c_lo, c_hi) = self.diameter_mm, self.contrast
         if not (self.size >= 64 and self.spacing_mm > 0 and self.max_nodules >= 1 and self.noise >= 0
-                and 0 <= self.negative_fraction <= 1 and 0 < d_lo <= d_hi and 0 < c_lo <= c_hi):
+                and 0 <= self.negative_fraction <= 1 and 0 <= self.lobulated_fraction <= 1
+                and 0 < d_lo <= d_hi and 0 < c_lo <= c_hi):
             raise DataError(f"phantom config: need size >= 64, spacing_mm > 0, max_nodules >= 1, noise >= 0, "
-                            f"negative_fraction in [0, 1], 0 < lo <= hi for diameter_mm and contrast; got {self}")
+                            f"negative_fraction and lobulated_fraction in [0, 1], 0 < lo <= hi for diameter_mm and "
+                            f"contrast; got {self}")
         if d_lo / self.spacing_mm < 2.0:
             raise DataError(f"phantom config: diameter_mm {d_lo} is {d_lo / self.spacing_mm:.2f} px; need >= 2 px")
         for attribute, value in ((a, v) for a, values in self.vocab.items() for v in values):
@@ -71,17 +75,20 @@ class PhantomConfig:
 # ---------------------------------------------------------------------------------------------------------
 # Nodule signatures. A tuple (lo, hi) is drawn per nodule: uniform for floats, integers in [lo, hi] for ints.
 # Levels are multiples of the nodule's contrast C. An attribute missing from a nodule's dict keeps the
-# DEFAULT_SHAPE entries (a solid, smooth, non-calcified nodule). To add a value, add an entry to SIGNATURES.
+# DEFAULT_SHAPE entries (a solid, well-defined, non-calcified nodule). To add a value, add an entry to SIGNATURES.
+# Design §3: the mask is the nodule BODY (size and outline: aspect and lobulation are shape, drawn independently
+# of the attributes); every attribute draws what the mask does not show: density inside (texture), the border
+# and what reaches beyond it (margin), bright calcium inside (calcification).
 DEFAULT_SHAPE = dict(
     aspect=(0.8, 1.0),       # shape: minor / major axis of the elliptic body (area kept = π·R²)
+    lobes=(2, 4),            # shape: k in ρ(θ) = R·(1 + a·cos(k·θ + φ)), used on lobulated bodies only
+    lobe_amp=(0.15, 0.25),   # shape: a on lobulated bodies (0 otherwise, see _nodule_shape)
     body_level=1.0,          # texture: density of the body (the whole mask)
     core_level=0.0,          # texture: density of a central solid core, 0 = no core
     core_radius=0.0,         # texture: core radius / R
-    haze=0.0,                # texture: width of the border ramp / R (0 = sharp, 0.8 px)
     mottle=0.05,             # texture: relative amplitude of fine internal texture (wavelength 2.5-4 px)
-    lobes=(0, 0),            # margin: k in ρ(θ) = R·(1 + a·cos(k·θ + φ))
-    lobe_amp=0.0,            # margin: a
-    spikes=(0, 0),           # margin: number of thin radial spikes
+    blur=0.0,                # margin: width of the border ramp / R, ¾ of it outside the body (0 = sharp, 0.8 px)
+    spikes=(0, 0),           # margin: number of thin radial spikes, reaching beyond the body
     spike_length=0.0,        # margin: mean spike length beyond the body / R
     calc_level=0.0,          # calcification: density added by the calcium, on top of the body's peak
     calc_radius=0.0,         # calcification: radius of a central calcified core / R
@@ -89,14 +96,18 @@ DEFAULT_SHAPE = dict(
 )
 SIGNATURES: dict[tuple[str, str], dict] = {     # [FLEISCHNER] terms → our numbers
     ("texture", "solid"): dict(),                                             # uniform dense body
-    ("texture", "part_solid"): dict(body_level=0.3, core_level=1.0, core_radius=(0.5, 0.65)),   # core + halo
-    ("texture", "ground_glass"): dict(body_level=0.33, haze=(0.3, 0.45), mottle=0.25),          # faint, hazy
-    ("margin", "smooth"): dict(),                                             # clean elliptic edge
-    ("margin", "lobulated"): dict(lobes=(2, 4), lobe_amp=(0.18, 0.28)),       # 2-4 low-frequency lobes
-    ("margin", "spiculated"): dict(spikes=(8, 14), spike_length=(0.7, 1.2)),  # thin spikes beyond the body
+    ("texture", "part_solid"): dict(body_level=0.3, core_level=1.0, core_radius=(0.45, 0.6)),   # core + faint rest
+    ("texture", "ground_glass"): dict(body_level=0.3, mottle=0.3),            # faint, mottled
+    ("margin", "well_defined"): dict(),                                       # sharp edge
+    ("margin", "ill_defined"): dict(blur=(0.6, 0.8)),                         # blurred: fades out to 0.6·R beyond
+    ("margin", "spiculated"): dict(spikes=(8, 14), spike_length=(0.5, 0.8)),  # thin spikes beyond the body
     ("calcification", "none"): dict(),
     ("calcification", "calcified"): dict(calc_level=(1.5, 1.8), calc_radius=(0.2, 0.3), popcorn=0.4),  # central/popcorn
 }
+SHAPE_KEYS = ("aspect", "lobes", "lobe_amp")    # drawn from the shape generator (see _nodule_shape)
+# How far beyond the body mask a signature can draw, / R: spikes ≤ 0.8·1.2 = 0.96, the blurred border 0.6. The
+# region a model regenerates (data.nodule_region) must reach at least this far.
+REACH = 0.96
 
 
 def _signature_of(attribute: str, value: str) -> dict:
@@ -124,9 +135,16 @@ def _nodule_shape(attributes: dict[str, str], diameter_px: float, rng, config: P
     spec = dict(DEFAULT_SHAPE)
     for attribute, value in attributes.items():
         spec.update(_signature_of(attribute, value))
-    s = {name: _draw_param(value, rng) for name, value in spec.items()}
+    # The body's shape comes from its own generator, drawn first: the same rng state gives the same mask whatever
+    # the attributes (they must not be readable from the mask, design §3).
+    shape_rng = np.random.default_rng(rng.integers(2 ** 63))
+    s = {name: _draw_param(spec[name], shape_rng) for name in SHAPE_KEYS}
+    if shape_rng.random() >= config.lobulated_fraction:
+        s["lobe_amp"] = 0.0                                                 # a round / oval body
+    s.update(orient=shape_rng.uniform(0, np.pi), lobe_phase=shape_rng.uniform(0, 2 * np.pi))
+    s.update({name: _draw_param(value, rng) for name, value in spec.items() if name not in SHAPE_KEYS})
     R = s["radius"] = diameter_px / 2.0
-    s.update(orient=rng.uniform(0, np.pi), lobe_phase=rng.uniform(0, 2 * np.pi), contrast=rng.uniform(*config.contrast))
+    s["contrast"] = rng.uniform(*config.contrast)
     # fine texture: three plane waves, wavelength 2.5-4 px, random direction and phase
     angle, wavelength = rng.uniform(0, np.pi, 3), rng.uniform(2.5, 4.0, 3)
     s["waves"] = np.stack([np.cos(angle), np.sin(angle)], 1) * (2 * np.pi / wavelength)[:, None]   # (3, 2)
@@ -134,7 +152,7 @@ def _nodule_shape(attributes: dict[str, str], diameter_px: float, rng, config: P
     # spikes: roughly even angles; each starts at the body's border along its direction (see _rho)
     n = s["spikes"]
     s["spike_angle"] = 2 * np.pi * (np.arange(n) + rng.uniform(-0.35, 0.35, n)) / max(n, 1) + rng.uniform(0, 2 * np.pi)
-    s["spike_len"] = s["spike_length"] * R * rng.uniform(0.7, 1.3, n)
+    s["spike_len"] = s["spike_length"] * R * rng.uniform(0.8, 1.2, n)
     # calcium: one central core (slightly off-centre) or a popcorn cluster of 3-5 small blobs
     k = int(rng.integers(3, 6)) if rng.random() < s["popcorn"] else 1
     radius = max(0.9, 0.15 * R) if k > 1 else max(1.2, s["calc_radius"] * R)
@@ -145,16 +163,17 @@ def _nodule_shape(attributes: dict[str, str], diameter_px: float, rng, config: P
 
 
 def _rho(s: dict, theta: np.ndarray) -> np.ndarray:
-    """Border radius in the body's frame: ρ(θ) = R·(1 + a·cos(k·θ + φ)) (a = 0 for smooth and spiculated)."""
+    """Border radius in the body's frame: ρ(θ) = R·(1 + a·cos(k·θ + φ)) (a = 0 for round and oval bodies)."""
     return s["radius"] * (1.0 + s["lobe_amp"] * np.cos(s["lobes"] * theta + s["lobe_phase"]))
 
 
 def _render_nodule(s: dict, centre_xy: tuple[float, float], image_shape: tuple[int, int]):
     """One nodule in a window around its centre: (rows, cols, density (h, w) float32 = added intensity in
     [0, ~2.6·C], mask (h, w) bool), rows/cols being the window's slices of the image. The body is elliptic in
-    the frame (u, v) rotated by `orient`: r = √(a·u² + v²/a) keeps its area π·R²; mask = r ≤ ρ(θ) + spikes."""
+    the frame (u, v) rotated by `orient`: r = √(a·u² + v²/a) keeps its area π·R²; mask = the body r ≤ ρ(θ) only
+    (spikes and the blurred border reach beyond it; calcium lies inside it)."""
     R, a = s["radius"], s["aspect"]
-    extent = R * (1 + s["lobe_amp"]) / np.sqrt(a) + s["spike_len"].max(initial=0.0) + s["haze"] * R + 2.0
+    extent = R * (1 + s["lobe_amp"]) / np.sqrt(a) + s["spike_len"].max(initial=0.0) + s["blur"] * R + 2.0
     cx, cy = centre_xy
     H, W = image_shape
     y0, y1 = max(int(cy - extent), 0), min(int(cy + extent) + 2, H)
@@ -165,8 +184,10 @@ def _render_nodule(s: dict, centre_xy: tuple[float, float], image_shape: tuple[i
     u, v = dx * co + dy * si, -dx * si + dy * co                           # (h, w) body frame
     r = np.sqrt(a * u * u + v * v / a)
     rho = _rho(s, np.arctan2(v, u))
-    edge = max(0.8, s["haze"] * R)                                          # px, border ramp width
-    body = _smoothstep((rho - r) / edge + 0.5)                              # 0.5 on the border r = ρ
+    edge = max(0.8, s["blur"] * R)                                          # px, border ramp width
+    # a blurred (ill-defined) border spills out: its ramp runs from ρ − edge/4 to ρ + 3·edge/4
+    spill = 0.25 * edge if s["blur"] > 0 else 0.0
+    body = _smoothstep((rho + spill - r) / edge + 0.5)                      # 0.5 on r = ρ + spill
     dome = 0.75 + 0.25 * np.sqrt(np.clip(1.0 - (r / rho) ** 2, 0.0, 1.0))   # projected sphere, mostly flat
     wave = np.cos(dx[..., None] * s["waves"][:, 0] + dy[..., None] * s["waves"][:, 1] + s["wave_phase"]).sum(-1)
     density = s["body_level"] * body * dome * (1.0 + s["mottle"] * wave / 1.22)   # 3 waves: std ≈ 1.22
@@ -175,15 +196,13 @@ def _render_nodule(s: dict, centre_xy: tuple[float, float], image_shape: tuple[i
         density += (s["core_level"] - s["body_level"]) * core * dome
     mask = r <= rho
     if len(s["spike_angle"]):
-        spikes, spike_mask = _render_spikes(s, dx, dy)
-        density = np.maximum(density, s["body_level"] * spikes)
-        mask |= spike_mask
+        spikes = _render_spikes(s, dx, dy)
+        density = np.maximum(density, max(s["body_level"], 0.6) * spikes)   # faint bodies keep visible spikes
     if s["calc_level"] > 0:
         bx, by, br = (s["calc_blobs"][:, i, None, None] for i in range(3))  # (k, 1, 1)
         dist = np.sqrt((dx - bx) ** 2 + (dy - by) ** 2)                    # (k, h, w)
         calc = _smoothstep((br - dist) / 0.8 + 0.5).max(0)
         density += s["calc_level"] * calc
-        mask |= calc >= 0.5
     return slice(y0, y1), slice(x0, x1), (s["contrast"] * density).astype(np.float32), mask
 
 
@@ -200,9 +219,7 @@ def _render_spikes(s: dict, dx: np.ndarray, dy: np.ndarray):
     f = np.clip((along - border) / s["spike_len"][:, None, None], 0.0, None)   # 0 at the border, 1 at the tip
     on = (along >= 0) & (f <= 1.0)
     half = (0.5 + 0.04 * s["radius"]) * (1.0 - 0.5 * f)
-    density = (np.clip(half - perp + 0.5, 0.0, 1.0) * (1.0 - 0.5 * f) * on).max(0)
-    mask = (on & (perp <= np.maximum(half, 0.5))).any(0)                    # ≥ 0.5 px: 8-connected lines
-    return density, mask
+    return (np.clip(half - perp + 0.5, 0.0, 1.0) * (1.0 - 0.5 * f) * on).max(0)
 
 
 def draw_nodule(image: np.ndarray, centre_xy: tuple[float, float], diameter_px: float,

@@ -4,7 +4,7 @@ Reading order (one call chain, sample.py → synthesize):
     build_generator   checkpoint + adapter files + --strategy → generate(masks, contexts, requests) -> crops
     generate_crops    the reverse chain (schedulers.sample_loop) for a batch of crops, noise seeded per (seed, index)
     request_mask      the requested nodule shape: a mask PNG, or an ellipse of a given diameter (seeded)
-    paste             feathered paste-back: pixels outside dilate(M) are bit-identical to the input
+    paste             feathered paste-back: pixels outside the nodule region are bit-identical to the input
     insert_nodules    crop → generate → paste for every request of one image, at any pixel spacing
     random_requests   nodules drawn inside the lung fields (sizes and attribute mix configurable)
     synthesize        every image of a set: insert, write images, annotations.csv, COCO JSON, contact sheet
@@ -26,8 +26,8 @@ from tqdm import tqdm
 
 from nodule_diffusion import compose, formats
 from nodule_diffusion.common import atomic_path, progress_options, save_image_png
-from nodule_diffusion.data import (DataError, ImageRecord, Nodule, NoduleCrops, crop_at, dilate, read_image,
-                                   write_annotations, write_coco)
+from nodule_diffusion.data import (REGION_REACH, DataError, ImageRecord, Nodule, NoduleCrops, crop_at, nodule_region,
+                                   read_image, write_annotations, write_coco)
 from nodule_diffusion.diffusion import attr_tensor, load_model
 from nodule_diffusion.schedulers import DDIMScheduler, sample_loop
 
@@ -117,13 +117,13 @@ def generate_crops(eps_fn, scheduler, mask: torch.Tensor, context: torch.Tensor,
     return x0.clamp(-1, 1)
 
 
-def feather(mask: np.ndarray, dilate_px: int) -> tuple[np.ndarray, np.ndarray]:
-    """(region, weight): region = dilate(M, d) as bool; weight in [0, 1] = a blurred dilate(M, d/2), zero outside region."""
+def feather(mask: np.ndarray, reach: float = REGION_REACH) -> tuple[np.ndarray, np.ndarray]:
+    """(region, weight) of an (S, S) mask: region = data.nodule_region(M) as bool (the same region the training crops
+    regenerate); weight in [0, 1] = the region box-blurred over 3 px, 1 on M itself, 0 outside the region."""
     m = torch.from_numpy(mask.astype(np.float32))[None, None]  # (1, 1, S, S)
-    region = dilate(m, dilate_px)[0, 0].numpy() > 0.5
-    inner = dilate(m, max(dilate_px // 2, 0))
-    k = 2 * max(dilate_px // 2, 1) + 1
-    weight = torch.nn.functional.avg_pool2d(inner, k, stride=1, padding=k // 2, count_include_pad=False)
+    region = nodule_region(m, reach)  # (1, 1, S, S) {0, 1}
+    weight = torch.nn.functional.avg_pool2d(region, 3, stride=1, padding=1, count_include_pad=False)
+    region = region[0, 0].numpy() > 0.5
     weight = np.maximum(weight[0, 0].numpy(), mask) * region  # full weight on M itself, 0 outside the region
     return region, weight.astype(np.float32)
 
@@ -150,7 +150,7 @@ def _resize(arr: np.ndarray, size: int, resample) -> np.ndarray:
 
 
 def insert_nodules(image: np.ndarray, requests: list[Request], generate, crop_size: int, scale: float = 1.0,
-                   dilate_px: int = 2) -> tuple[np.ndarray, list[np.ndarray]]:
+                   reach: float = REGION_REACH) -> tuple[np.ndarray, list[np.ndarray]]:
     """Insert every request into `image` (float32 (H, W) in [0, 1]); returns (new image, full-size bool masks).
 
     `scale` = working-resolution pixels per image pixel (1 when the image already has the model's spacing):
@@ -159,6 +159,8 @@ def insert_nodules(image: np.ndarray, requests: list[Request], generate, crop_si
     `generate(masks (B,1,S,S), contexts (B,1,S,S), requests, originals (B,1,S,S)) -> x0 (B,1,S,S)` in [-1, 1]
     (the diffusion model sees only the masked context; the insertion baselines add onto the original crop).
     Requests are processed one after another so that overlapping nodules see each other.
+    A nodule adds attenuation (design §4): only the generated excess over the original crop is pasted,
+    max(generated − original, 0), so an insertion never lowers the density of any pixel.
     """
     out, full_masks = image.astype(np.float32).copy(), []
     native = max(1, round(crop_size / scale))
@@ -168,11 +170,11 @@ def insert_nodules(image: np.ndarray, requests: list[Request], generate, crop_si
         mask = request_mask(req, crop_size, scale)
         if mask.sum() == 0:
             raise DataError(f"nodule request at ({req.cx:.0f}, {req.cy:.0f}) has an empty mask")
-        region, weight = feather(mask, dilate_px)
+        region, weight = feather(mask, reach)
         x0 = torch.from_numpy(work * 2 - 1)[None, None]  # (1, 1, S, S) in [-1, 1]
         context = x0 * torch.from_numpy(1.0 - region.astype(np.float32))[None, None]
         gen = generate(torch.from_numpy(mask)[None, None], context, [req], x0)[0, 0].cpu().numpy()
-        gen01 = (gen + 1) / 2
+        gen01 = work + np.maximum((gen + 1) / 2 - work, 0.0)  # density is only ever added
         if native != crop_size:  # resample the change and the weight back to the image's pixels
             delta = _resize(gen01 - work, native, Image.BILINEAR)
             weight = _resize(weight, native, Image.BILINEAR) * (_resize(region.astype(np.float32), native,
@@ -315,8 +317,8 @@ def _generate_for(model, crops, indices, attrs, steps=25, seed=0):
 
 
 def _grid(batch, x0, path, labels):
-    """mask | real | generated, where "generated" is what insertion keeps: the model's pixels inside the dilated
-    mask, the real context outside it."""
+    """mask | real | generated, where "generated" is what insertion keeps: the model's pixels inside the nodule
+    region, the real context outside it."""
     tiles, names = [], []
     pasted = batch["context"] + batch["region"] * x0  # context is zero inside the region
     for i in range(len(x0)):

@@ -16,7 +16,7 @@ from conftest import tiny_loop
 from nodule_diffusion import compose, datasets, diffusion, evaluation, lora, synthesis, training
 from nodule_diffusion.synthesis import Request
 
-NAMES = ["texture=solid", "margin=smooth"]
+NAMES = ["texture=solid", "margin=well_defined"]
 CPU = torch.device("cpu")
 
 
@@ -41,7 +41,7 @@ def _measures(model, crops):
     factors = [lora.adapter_factors(model.unet, n) for n in NAMES]
     orth = float(lora.orthogonality_loss(factors))
     batch = crops.get(torch.arange(8))
-    attrs = diffusion.attr_tensor({"texture": "solid", "margin": "smooth"}, model.vocab, 8, CPU)
+    attrs = diffusion.attr_tensor({"texture": "solid", "margin": "well_defined"}, model.vocab, 8, CPU)
     t = torch.full((8,), 500, dtype=torch.long)
     model.unet.set_attention_capture(True)
     with torch.no_grad():
@@ -97,7 +97,7 @@ def test_cfg_stage_and_guided_sampling(tiny_base, disk_crops, tmp_path):
     state = training.train_base(model, disk_crops, tiny_loop(3), CPU, torch.Generator().manual_seed(0),
                                 cfg_dropout=0.1)
     diffusion.save_model(tmp_path / "cfg.pt", model, state, "cfg", {})
-    attributes = {"texture": "solid", "margin": "smooth"}
+    attributes = {"texture": "solid", "margin": "well_defined"}
     mask = (torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(0)) > 0.7).float()
     context = torch.zeros(2, 1, 16, 16)
     requests = [Request(0, 0, 5, attributes=attributes, seed=1, index=i) for i in range(2)]

@@ -364,13 +364,13 @@ def crops_records(scene):
     rng = np.random.default_rng(6)
     _save(root / "img" / "c.png", _image16(rng))
     records.append(ImageRecord(image=root / "img" / "c.png", nodules=[
-        Nodule(box=(0.0, 40.0, 6.0, 48.0), attributes={"margin": "lobulated", "calcification": "calcified"})]))
+        Nodule(box=(0.0, 40.0, 6.0, 48.0), attributes={"margin": "ill_defined", "calcification": "calcified"})]))
     return records
 
 
 def test_nodule_crops_item_contract(crops_records):
     ds = NoduleCrops(crops_records, DEFAULT_VOCAB, crop_size=16, spacing_mm=None, augment=True, max_shift=2,
-                     dilate_px=1)
+                     reach=0.5)
     assert len(ds) == 3
     batch = ds.get(torch.arange(3), generator=torch.Generator().manual_seed(0))
     assert set(batch) == {"x0", "mask", "region", "context", "attrs"}

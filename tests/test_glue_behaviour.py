@@ -5,7 +5,7 @@ Each test names the single-line bug it guards against (design notes §4 "Tests p
     CFG guidance        ε̃ = ε(∅) + g·(ε(y) − ε(∅)), not ε(y) + g·(ε(y) − ε(∅))
     stage conditioning  base: every attribute null; LoRA: only its own attribute; compose: teacher k sees only
                         attribute k, the student every composed attribute
-    insertion context   the model sees x0·(1 − dilate(M)), the same region as in training, not x0·(1 − M)
+    insertion context   the model sees x0·(1 − nodule_region(M)), the same region as in training
     per-output noise    seeded by (seed, index) without collisions: (s, 1) ≠ (s + 1, 0)
     bootstrap           the default interval is 95 %, not 90 %
     detector clipping   x clipped to W and y to H (only non-square images show a swap)
@@ -24,7 +24,7 @@ import torch
 from conftest import oracle, tiny_loop
 
 from nodule_diffusion import compose, datasets, diffusion, lora, metrics, synthesis, training
-from nodule_diffusion.data import DEFAULT_VOCAB, NoduleCrops, dilate, read_image
+from nodule_diffusion.data import DEFAULT_VOCAB, REGION_REACH, NoduleCrops, nodule_region, read_image
 from nodule_diffusion.detector import _clip_and_filter
 from nodule_diffusion.schedulers import DDPMScheduler
 from nodule_diffusion.diffusion import DiffusionConfig, denoising_loss
@@ -74,7 +74,7 @@ def test_cfg_compositional_guidance_formula():
 
 def test_without_guidance_the_model_sees_the_requested_row_only():
     model = CodeModel()
-    eps = compose.guided_eps(model, {"margin": "lobulated"}, None, False)
+    eps = compose.guided_eps(model, {"margin": "ill_defined"}, None, False)
     xt = torch.zeros(3, 1, 4, 4)
     eps(xt, torch.zeros(3, dtype=torch.long), 0, xt, xt)
     assert len(model.calls) == 1 and model.calls[0].tolist() == [[-1, 1, -1]] * 3
@@ -136,7 +136,7 @@ def test_compose_stage_teacher_sees_one_attribute_student_sees_all(tiny_base, di
     """[OURS Eq. 2] L_preserve distils adapter k alone with its own token (teacher, no grad) into the composed
     model conditioned on every composed attribute (student)."""
     model, payload = diffusion.load_model(tiny_base, CPU)
-    names = ["texture=solid", "margin=smooth"]
+    names = ["texture=solid", "margin=well_defined"]
     for name in names:
         lora.inject_lora(model.unet, diffusion.LORA_TARGETS, name, 2, 2.0)
     spy = Spy(model)
@@ -159,7 +159,7 @@ def test_every_stage_draws_t_from_0_to_T_minus_1(tiny_base, disk_crops, stage):
     _short_chain(model)
     gen = torch.Generator().manual_seed(0)
     if stage == "compose":
-        for name in ("texture=solid", "margin=smooth"):
+        for name in ("texture=solid", "margin=well_defined"):
             lora.inject_lora(model.unet, diffusion.LORA_TARGETS, name, 2, 2.0)
     spy = Spy(model)
     loop = tiny_loop(12, batch_size=4, ema_decay=0.0)
@@ -168,7 +168,7 @@ def test_every_stage_draws_t_from_0_to_T_minus_1(tiny_base, disk_crops, stage):
     elif stage == "lora":
         training.train_lora(model, disk_crops, "texture", "solid", 2, 2.0, loop, CPU, gen)
     else:
-        training.train_compose(model, disk_crops, ["texture=solid", "margin=smooth"], "ortho", loop, CPU, gen,
+        training.train_compose(model, disk_crops, ["texture=solid", "margin=well_defined"], "ortho", loop, CPU, gen,
                              1.0, 0.0, 0.0)
     drawn = set(torch.cat([t for t, _, _ in spy.calls]).tolist())
     assert drawn == {0, 1, 2, 3}
@@ -215,8 +215,8 @@ def test_fit_applies_the_warmup_learning_rate_at_every_step():
 
 
 # ----------------------------------------------------------------------------------------------- insertion context
-def test_insertion_hides_the_dilated_mask_like_training():
-    """The model sees x0·(1 − dilate(M, d)) with the same d as the training crops, and the original crop."""
+def test_insertion_hides_the_nodule_region_like_training():
+    """The model sees x0·(1 − nodule_region(M)) with the same reach as the training crops, and the original crop."""
     seen = {}
 
     def spy(masks, contexts, requests, originals):
@@ -225,14 +225,26 @@ def test_insertion_hides_the_dilated_mask_like_training():
 
     image = np.random.default_rng(0).uniform(0.2, 0.6, (64, 64)).astype(np.float32)
     synthesis.insert_nodules(image, [synthesis.Request(32, 30, diameter_px=6)], spy, crop_size=16)
-    region = dilate(seen["mask"], 2) > 0.5
-    assert bool((region & (seen["mask"] < 0.5)).any())  # the ring dilate(M) − M exists
+    region = nodule_region(seen["mask"]) > 0.5
+    assert bool((region & (seen["mask"] < 0.5)).any())  # the ring region − M exists
     assert torch.all(seen["context"][region] == 0)
     assert torch.equal(seen["context"][~region], seen["original"][~region])
-    # the same d as the training crops (data.NoduleCrops) use
-    training_d = inspect.signature(NoduleCrops.__init__).parameters["dilate_px"].default
-    insertion_d = inspect.signature(synthesis.insert_nodules).parameters["dilate_px"].default
-    assert training_d == insertion_d == 2
+    # the same reach as the training crops (data.NoduleCrops) use
+    training = inspect.signature(NoduleCrops.__init__).parameters["reach"].default
+    insertion = inspect.signature(synthesis.insert_nodules).parameters["reach"].default
+    assert training == insertion == REGION_REACH
+
+
+def test_insertion_never_lowers_density():
+    """A nodule adds attenuation: whatever the generator returns, no pixel of the image gets darker."""
+    def dark(masks, contexts, requests, originals):
+        return originals - 0.5 * masks + 0.3 * torch.randn(originals.shape, generator=torch.Generator().manual_seed(0))
+
+    image = np.random.default_rng(1).uniform(0.2, 0.6, (64, 64)).astype(np.float32)
+    for scale in (1.0, 0.5):
+        out, _ = synthesis.insert_nodules(image, [synthesis.Request(30, 34, diameter_px=8 / scale)], dark,
+                                          crop_size=16, scale=scale)
+        assert (out >= image).all() and (out > image).any()
 
 
 # ----------------------------------------------------------------------------------------------- per-output noise

@@ -102,21 +102,29 @@ def _draw_alone(attributes, diameter_px=14.0, seed=0):
 
 def test_draw_nodule_analytic_signatures():
     for seed in range(5):
-        solid, mask = _draw_alone({"texture": "solid", "margin": "smooth", "calcification": "none"}, seed=seed)
+        plain = {"texture": "solid", "margin": "well_defined", "calcification": "none"}
+        solid, mask = _draw_alone(plain, seed=seed)
         # the body has the area π·R² (ellipse of equal area), R = 7 px, up to the pixel raster
         assert abs(mask.sum() - np.pi * 7.0 ** 2) < 0.12 * np.pi * 7.0 ** 2
         assert 0.2 * 0.9 <= solid.max() <= 0.2 * (1 + 0.05 * 3 / 1.22)     # solid: C, ±5 % mottle (3 waves)
         assert np.median(solid[mask]) > 0.75 * 0.2
         assert np.all(solid[~mask] < 0.5 * 0.2)                            # sharp edge: little outside
-        glass, glass_mask = _draw_alone({"texture": "ground_glass"}, seed=seed)
-        assert 0.2 < glass[glass_mask].mean() / solid[mask].mean() < 0.45  # ~1/3 of solid, hazy border
-        part, part_mask = _draw_alone({"texture": "part_solid"}, seed=seed)
+        glass, glass_mask = _draw_alone({**plain, "texture": "ground_glass"}, seed=seed)
+        assert 0.2 < glass[glass_mask].mean() / solid[mask].mean() < 0.45  # ~1/3 of solid
+        part, part_mask = _draw_alone({**plain, "texture": "part_solid"}, seed=seed)
         assert part.max() > 0.8 * 0.2                                      # dense core ...
-        assert np.percentile(part[part_mask], 25) < 0.4 * 0.2              # ... in a faint halo
-        calc, _ = _draw_alone({"calcification": "calcified"}, seed=seed)
+        assert np.percentile(part[part_mask], 25) < 0.4 * 0.2              # ... in a faint rest
+        calc, calc_mask = _draw_alone({**plain, "calcification": "calcified"}, seed=seed)
         assert calc.max() > 2.0 * 0.2                                      # well above the body's peak
-        spiky, spiky_mask = _draw_alone({"margin": "spiculated"}, seed=seed)
-        assert spiky_mask.sum() > mask.sum() and np.ptp(np.nonzero(spiky_mask)[1]) > 14 + 4   # spikes reach out
+        # margins draw beyond the body; the body mask is the same whatever the margin (same seed, same shape)
+        spiky, spiky_mask = _draw_alone({**plain, "margin": "spiculated"}, seed=seed)
+        blurred, blurred_mask = _draw_alone({**plain, "margin": "ill_defined"}, seed=seed)
+        outside = ~mask & (np.hypot(*np.mgrid[0:64, 0:64] - 31.5) < 7 * 2)
+        assert (spiky[outside] > 0.05 * 0.2).sum() > 3 * (solid[outside] > 0.05 * 0.2).sum() + 10   # spikes reach out
+        assert blurred[outside].sum() > 3 * solid[outside].sum()           # a blurred border spills out
+        assert blurred[mask].mean() < solid[mask].mean()                   # ... and fades inside
+        for other in (spiky_mask, blurred_mask, glass_mask, part_mask, calc_mask):
+            assert np.array_equal(other, mask)                             # no attribute changes the mask
     with pytest.raises(DataError, match="known"):
         _draw_alone({"texture": "cavitary"})
 
@@ -133,11 +141,15 @@ def test_signatures_measurable_on_many_nodules():
         for n in nodules:
             mask, (x0, y0, x1, y1) = n["mask"], map(int, n["box"])
             ring = np.zeros_like(mask)
-            ring[max(y0 - 4, 0):y1 + 4, max(x0 - 4, 0):x1 + 4] = True
-            ring[max(y0 - 1, 0):y1 + 1, max(x0 - 1, 0):x1 + 1] = False
+            ring[max(y0 - 6, 0):y1 + 6, max(x0 - 6, 0):x1 + 6] = True
+            near = ring.copy()
+            ring[max(y0 - 3, 0):y1 + 3, max(x0 - 3, 0):x1 + 3] = False
+            near[ring] = False
+            near[mask] = False                                             # 0-3 px beyond the box, outside the body
             background = np.median(image[ring])
             values = dict(contrast=image[mask].mean() - background,
-                          peak=np.percentile(image[mask], 98) - background, rough=_roughness(mask))
+                          peak=np.percentile(image[mask], 98) - background,
+                          spill=image[near].mean() - background, rough=_roughness(mask))
             for attribute, value in n["attributes"].items():
                 for key, x in values.items():
                     stats.setdefault((attribute, value, key), []).append(x)
@@ -145,9 +157,12 @@ def test_signatures_measurable_on_many_nodules():
     assert min(len(v) for v in stats.values()) >= 15
     assert med["texture", "ground_glass", "contrast"] < 0.5 * med["texture", "solid", "contrast"]
     assert med["texture", "part_solid", "contrast"] < med["texture", "solid", "contrast"]
-    assert med["margin", "spiculated", "rough"] > 2.0 * med["margin", "smooth", "rough"]
-    assert med["margin", "lobulated", "rough"] > med["margin", "smooth", "rough"]
+    assert med["margin", "spiculated", "spill"] > 2.0 * med["margin", "well_defined", "spill"]
+    assert med["margin", "ill_defined", "spill"] > 2.0 * med["margin", "well_defined", "spill"]
     assert med["calcification", "calcified", "peak"] > 1.5 * med["calcification", "none", "peak"]
+    # the outline is shape, not margin: mask roughness is the same for every margin value (within sampling noise)
+    rough = [med["margin", v, "rough"] for v in ("well_defined", "ill_defined", "spiculated")]
+    assert max(rough) < 1.15 * min(rough)
 
 
 # ------------------------------------------------------------------------------------------ vocabulary and config

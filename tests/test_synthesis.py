@@ -1,5 +1,5 @@
 """Tests for nodule_diffusion.synthesis (and its generator, build_generator): insertion leaves every pixel outside the
-dilated nodule mask bit-identical, noise is seeded per output so batch size does not matter, requested shapes
+nodule region bit-identical, noise is seeded per output so batch size does not matter, requested shapes
 have the requested size, and the feathered paste is exact where its weight is 0 or 1.
 """
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from nodule_diffusion import synthesis
-from nodule_diffusion.data import DEFAULT_VOCAB, DataError, crop_at, dilate
+from nodule_diffusion.data import DEFAULT_VOCAB, DataError, crop_at, dilate, nodule_region, region_px
 from nodule_diffusion.schedulers import DDIMScheduler, DDPMScheduler
 from nodule_diffusion.synthesis import (Request, feather, generate_crops, insert_nodules, paste, random_requests,
                                         request_mask)
@@ -33,13 +33,17 @@ def dilate_np(mask: np.ndarray, pixels: int) -> np.ndarray:
     return dilate(torch.from_numpy(mask.astype(np.float32))[None, None], pixels)[0, 0].numpy() > 0.5
 
 
-def requested_region(shape, req: Request, dilate_px: int) -> np.ndarray:
-    """dilate(M, d) of a request at scale 1, placed in image coordinates (clipped where the window leaves the image).
+def region_np(mask: np.ndarray) -> np.ndarray:
+    return nodule_region(torch.from_numpy(mask.astype(np.float32))[None, None])[0, 0].numpy() > 0.5
+
+
+def requested_region(shape, req: Request) -> np.ndarray:
+    """nodule_region(M) of a request at scale 1, in image coordinates (clipped where the window leaves the image).
 
     Built from the requested mask itself rather than from the in-image part returned by insert_nodules, because
     near the border the dilation of the part of M that lies outside the image may reach into it.
     """
-    region = dilate_np(request_mask(req, S, 1.0), dilate_px)
+    region = region_np(request_mask(req, S, 1.0))
     top, left = crop_at(np.zeros(shape, np.float32), req.cx, req.cy, S)[1]
     out = np.zeros(shape, bool)
     for y, x in zip(*np.nonzero(region)):
@@ -71,8 +75,8 @@ def test_paste_with_unit_weight_copies_the_window():
 def test_feather_is_one_on_the_mask_and_zero_outside_the_region():
     mask = np.zeros((S, S), np.float32)
     mask[6:10, 5:11] = 1
-    region, weight = feather(mask, 2)
-    assert np.array_equal(region, dilate_np(mask, 2))
+    region, weight = feather(mask)
+    assert np.array_equal(region, region_np(mask))
     assert np.all(weight[mask > 0] == 1.0) and np.all(weight[~region] == 0.0)
     assert weight.min() >= 0 and weight.max() <= 1
     assert ((weight > 0) & (weight < 1)).any()  # a feathered edge, not a hard cut
@@ -111,22 +115,22 @@ def test_request_mask_from_a_mask_file_is_its_crop():
 
 
 # ----------------------------------------------------------------------------------------------- insertion
-def test_insert_leaves_pixels_outside_the_dilated_mask_bit_identical():
+def test_insert_leaves_pixels_outside_the_nodule_region_bit_identical():
     image = background()
     requests = [Request(30.0, 28.0, diameter_px=8.0, index=0), Request(1.5, 40.0, diameter_px=10.0, index=1),
                 Request(63.0, 63.0, diameter_px=9.0, index=2)]  # interior, left border, bottom-right corner
-    out, masks = insert_nodules(image, requests, white, S, scale=1.0, dilate_px=2)
+    out, masks = insert_nodules(image, requests, white, S, scale=1.0)
     changed = out != image
     allowed = np.zeros_like(changed)
     for req, mask in zip(requests, masks):
-        region = requested_region(image.shape, req, 2)
+        region = requested_region(image.shape, req)
         assert mask.dtype == bool and mask.any() and not (mask & ~region).any()
         assert np.all(out[mask] == 1.0)  # the weight is 1 on M: the generated (white) value is used there
         allowed |= region
     assert changed.any() and not (changed & ~allowed).any()
-    # An interior nodule alone: the returned mask dilated by d bounds the change, and the change fills M.
-    alone, (mask,) = insert_nodules(image, requests[:1], white, S, scale=1.0, dilate_px=2)
-    assert not ((alone != image) & ~dilate_np(mask, 2)).any() and (alone != image)[mask].all()
+    # An interior nodule alone: the returned mask's region bounds the change, and the change fills M.
+    alone, (mask,) = insert_nodules(image, requests[:1], white, S, scale=1.0)
+    assert not ((alone != image) & ~region_np(mask)).any() and (alone != image)[mask].all()
     assert out.dtype == np.float32 and out.min() >= 0 and out.max() <= 1
 
 
@@ -135,9 +139,10 @@ def test_insert_at_another_pixel_spacing_changes_only_the_nodule(scale):
     """scale = working px per image px. The change is resampled back; only pixels near the nodule may change."""
     image = background()
     req = Request(33.0, 30.0, diameter_px=10.0 / scale, index=0)  # 10 working px across at any scale
-    out, (mask,) = insert_nodules(image, [req], white, S, scale=scale, dilate_px=2)
+    out, (mask,) = insert_nodules(image, [req], white, S, scale=scale)
     changed = out != image
-    margin = math.ceil(2 / scale) + 1  # the dilation in image px, plus one pixel for resampling
+    reach = int(region_px(torch.from_numpy(request_mask(req, S, scale))[None, None]))  # working px
+    margin = math.ceil(reach / scale) + 1  # the region's reach in image px, plus one pixel for resampling
     assert changed.any() and not (changed & ~dilate_np(mask, margin)).any()
     native = round(S / scale)
     top, left = crop_at(image, req.cx, req.cy, native)[1]

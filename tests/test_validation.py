@@ -372,16 +372,16 @@ def test_adapter_content_hash_and_name(tmp_path):
     lora.load_adapter(tmp_path / "texture=solid.pt", Net(), "texture=solid", fingerprint, expected_name="texture=solid")
     payload = torch.load(tmp_path / "texture=solid.pt", weights_only=True)
     assert payload["name"] == "texture=solid"
-    renamed = tmp_path / "margin=smooth.pt"
+    renamed = tmp_path / "margin=well_defined.pt"
     renamed.write_bytes((tmp_path / "texture=solid.pt").read_bytes())
-    message = refused(lambda: lora.load_adapter(renamed, Net(), "margin=smooth", fingerprint), "margin=smooth.pt")
+    message = refused(lambda: lora.load_adapter(renamed, Net(), "margin=well_defined", fingerprint), "margin=well_defined.pt")
     assert "texture=solid" in message  # the default expected name is the name it is loaded under
     lora.load_adapter(renamed, Net(), "texture=solid@ortho", fingerprint)  # a tagged copy of the same adapter
     # A format-1 file has no "name": the name comes from its config (attribute=value) or its one token.
     old = {k: v for k, v in payload.items() if k not in ("name", "content_sha256")}
     assert lora.recorded_name(old) == "texture=solid"
-    assert lora.recorded_name({"extra": {"token:margin=smooth": torch.zeros(1)}}) == "margin=smooth"
-    refused(lambda: lora.check_adapter_name(old, "margin=smooth", renamed), "margin=smooth.pt")
+    assert lora.recorded_name({"extra": {"token:margin=well_defined": torch.zeros(1)}}) == "margin=well_defined"
+    refused(lambda: lora.check_adapter_name(old, "margin=well_defined", renamed), "margin=well_defined.pt")
     lora.check_adapter_name({"config": {}, "extra": {}}, "composed", renamed)  # records no name: nothing to compare
     payload["tensors"]["to_q.lora_A"][0, 0] += 1e-3  # stale hash
     torch.save(payload, tmp_path / "edited.pt")
