@@ -230,28 +230,33 @@ def run_all(train, loop, unet_cfg, diffusion_cfg, detect, demo: DemoConfig) -> d
     """
     start, out = time.time(), Path(train.out_dir)
     base = out / "base.pt"
-    print("== 1/5 base model"); run_stage(replace(train, stage="base"), loop, unet_cfg, diffusion_cfg)  # noqa: E702
+    print("== 1/6 base model"); run_stage(replace(train, stage="base"), loop, unet_cfg, diffusion_cfg)  # noqa: E702
     vocab = diffusion.load_model(base, "cpu")[0].vocab
     attributes = diffusion.parse_attributes(train.attributes, vocab)
     names = diffusion.adapter_names(attributes)
-    print("== 2/5 attribute LoRAs")
+    print("== 2/6 attribute LoRAs")
     for name in names:
         run_stage(replace(train, stage="lora", ckpt=str(base), attribute=name),
                   replace(loop, steps=demo.lora_steps), unet_cfg, diffusion_cfg)
-    print("== 3/5 ortho composition")
+    print("== 3/6 controllability of each LoRA (judge on held-out nodules)")
+    real = datasets.load_records("phantom", out / "data", train.n_images, train.seed, vocab)
+    test = datasets.load_records("phantom", out / "data", demo.test_images, train.seed + 2, vocab)
+    control = evaluation.controllability(str(base), out / "lora", names, real, test, train.spacing_mm,
+                                         evaluation.JudgeSettings(crop_size=unet_cfg.crop_size),
+                                         common.resolve_device(train.device))
+    print("== 4/6 ortho composition")
     run_stage(replace(train, stage="compose", ckpt=str(base), strategy="ortho"),
               replace(loop, steps=demo.compose_steps), unet_cfg, diffusion_cfg)
-    print("== 4/5 inserting nodules into held-out images")
+    print("== 5/6 inserting nodules into held-out images")
     device = common.resolve_device(train.device)
     generate, model = synthesis.build_generator(str(base), "ortho", attributes, out / "lora", device, steps=25)
     pool = datasets.load_records("phantom", out / "data", demo.synthetic_images, train.seed + 1, model.vocab)
     synthetic = synthesis.synthesize(pool, generate, out / "synthetic", model.vocab, train.spacing_mm,
                                      unet_cfg.crop_size, attributes, 1, (8.0, 20.0), train.seed)
-    print("== 5/5 detectors: real only vs real + synthetic")
-    real = datasets.load_records("phantom", out / "data", train.n_images, train.seed, model.vocab)
+    print("== 6/6 detectors: real only vs real + synthetic")
     real = evaluation.low_data_subset(real, detect.low_data, train.seed)
-    test = datasets.load_records("phantom", out / "data", demo.test_images, train.seed + 2, model.vocab)
     report = evaluation.evaluate_detection(real, synthetic, test, detect, train.spacing_mm, device, out)
+    report["controllability"] = control
     report["wall_time_s"] = round(time.time() - start, 1)
     common.write_json(out / "report.json", report)
     write_demo_report(out, report, names)
@@ -263,6 +268,7 @@ def write_demo_report(out: Path, report: dict, names: list[str]) -> None:
     """report.md: the detection table plus the pictures a reader wants to see."""
     grids = sorted(p.name for p in out.glob("samples_base_*.png"))[-1:]
     lines = [evaluation.report_markdown(report, "nodule_diffusion demo report"),
+             evaluation.controllability_markdown(report["controllability"]) if "controllability" in report else "",
              f"Wall time: {report.get('wall_time_s', 0):.0f} s.", "", "## Pictures", "",
              *(f"Base model, mask | real | generated: ![]({g})" for g in grids),
              *(f"\nLoRA `{n}` (masks of nodules without the value, generated with it): ![](lora/{n}.png)"

@@ -243,7 +243,8 @@ def mask_features(masks: torch.Tensor, harmonics: int = 8) -> torch.Tensor:
     area = m.sum((1, 2)).clamp(min=1)  # (N,)
     cy, cx = (m * ys).sum((1, 2)) / area, (m * xs).sum((1, 2)) / area  # (N,)
     dy, dx = ys - cy[:, None, None], xs - cx[:, None, None]  # (N, S, S)
-    cov = torch.stack([(m * dx * dx).sum((1, 2)), (m * dx * dy).sum((1, 2)), (m * dy * dy).sum((1, 2))], 1) / area[:, None]
+    cov = torch.stack([(m * dx * dx).sum((1, 2)), (m * dx * dy).sum((1, 2)), (m * dy * dy).sum((1, 2))], 1)
+    cov = cov / area[:, None]  # (N, 3): var x, cov xy, var y
     half_trace, det = (cov[:, 0] + cov[:, 2]) / 2, cov[:, 0] * cov[:, 2] - cov[:, 1] ** 2
     root = (half_trace ** 2 - det).clamp(min=0).sqrt()
     major, minor = (half_trace + root).sqrt(), (half_trace - root).clamp(min=0).sqrt()  # (N,) axis std, px

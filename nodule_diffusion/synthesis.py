@@ -140,7 +140,8 @@ def paste(image: np.ndarray, generated: np.ndarray, weight: np.ndarray, top: int
     win = (slice(y0 - top, y1 - top), slice(x0 - left, x1 - left))
     wgt, gen = weight[win], generated[win]
     region = out[y0:y1, x0:x1]
-    blended = region * (1 - wgt) + gen * wgt
+    # = region·(1 − w) + gen·w, written so that it is never below region where gen ≥ region (w = 1: exactly gen)
+    blended = np.where(wgt >= 1, gen, region + wgt * (gen - region))
     out[y0:y1, x0:x1] = np.where(wgt > 0, blended, region).astype(image.dtype)
     return out
 
@@ -303,7 +304,7 @@ def image_crop(image: np.ndarray, box, size: int = 40) -> np.ndarray:
 
 # ----------------------------------------------------------------------------------------------- grids
 @torch.no_grad()
-def _generate_for(model, crops, indices, attrs, steps=25, seed=0):
+def generate_for(model, crops, indices, attrs, steps=25, seed=0):
     """Generate crops for dataset items `indices` (their masks and contexts) with the given attribute rows."""
     batch = crops.get(torch.as_tensor(indices))
     device = next(model.parameters()).device
@@ -331,7 +332,7 @@ def sample_grid(model, crops: NoduleCrops, path: Path, n: int = 9) -> None:
     """PNG grid of mask | real | generated triplets for the first n crops, generic token (the base stage)."""
     idx = list(range(min(n, len(crops))))
     attrs = attr_tensor({}, model.vocab, len(idx), "cpu")
-    batch, x0 = _generate_for(model, crops, idx, attrs)
+    batch, x0 = generate_for(model, crops, idx, attrs)
     _grid(batch, x0, path, ["generated"] * len(idx))
 
 
@@ -343,5 +344,5 @@ def lora_grid(model, crops: NoduleCrops, name: str, path: Path, n: int = 9) -> N
     idx = other or list(range(min(n, len(crops))))
     attrs = attr_tensor({attribute: value}, model.vocab, len(idx), "cpu")
     model.eval()
-    batch, x0 = _generate_for(model, crops, idx, attrs)
+    batch, x0 = generate_for(model, crops, idx, attrs)
     _grid(batch, x0, path, [value] * len(idx))

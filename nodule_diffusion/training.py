@@ -183,7 +183,8 @@ def train_base(model: DiffusionModel, crops: NoduleCrops, cfg: LoopConfig, devic
             attrs = torch.full_like(batch["attrs"], -1)  # base: generic "nodule" token, every attribute null
         else:
             attrs = drop_attributes(batch["attrs"], cfg_dropout, generator)
-        return denoising_loss(net, scheduler, batch, model.diffusion.mask_weight, generator, attrs), {}
+        return denoising_loss(net, scheduler, batch, model.diffusion.mask_weight, generator, attrs,
+                              model.diffusion.min_snr_gamma), {}
 
     return fit(model, list(model.parameters()), loss_fn, cfg, device, generator, state,
                desc="cfg" if cfg_dropout is not None else "base", rank=rank, files=files)
@@ -214,7 +215,8 @@ def train_lora(model: DiffusionModel, crops: NoduleCrops, attribute: str, value:
     def loss_fn(step):
         batch = random_batch(crops, cfg.batch_size, generator, device, subset=idx)
         attrs = only(batch["attrs"], model.vocab, [attribute])
-        return denoising_loss(model, scheduler, batch, model.diffusion.mask_weight, generator, attrs), {}
+        return denoising_loss(model, scheduler, batch, model.diffusion.mask_weight, generator, attrs,
+                              model.diffusion.min_snr_gamma), {}
 
     cfg = LoopConfig(**{**to_plain(cfg), "ema_decay": 0.0})  # adapters are small and short-trained: no EMA
     return fit(model, params, loss_fn, cfg, device, generator, desc=f"lora {name}", files=files)

@@ -23,7 +23,7 @@ import torch
 
 from conftest import TINY_UNET_FLAGS, tiny_loop, train_tiny_base
 from nodule_diffusion import diffusion, training
-from nodule_diffusion.data import DEFAULT_VOCAB, dilate, read_annotations, read_image
+from nodule_diffusion.data import DEFAULT_VOCAB, nodule_region, read_annotations, read_image
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = ("train.py", "sample.py", "eval_detect.py")
@@ -180,10 +180,10 @@ def test_end_to_end_sampling_writes_images_and_annotations(end_to_end):
         assert nodule.attributes == {"texture": "solid"} and nodule.extra["seed"] == "4"
         assert 6 <= nodule.diameter_mm <= 10 and nodule.mask.is_file()
         indices.append(int(nodule.extra["index"]))
-        # Pixels outside the dilated synthetic mask are exactly the source pixels (both 16-bit PNG).
+        # Pixels outside the synthetic nodule's region are exactly the source pixels (both 16-bit PNG).
         before, after = read_image(source.image), read_image(rec.image)
         mask = read_image(nodule.mask) > 0
-        region = dilate(torch.from_numpy(mask.astype(np.float32))[None, None], 2)[0, 0].numpy() > 0.5
+        region = nodule_region(torch.from_numpy(mask.astype(np.float32))[None, None])[0, 0].numpy() > 0.5
         assert after.shape == before.shape and np.array_equal(after[~region], before[~region])
         assert not np.array_equal(after[mask], before[mask])
     assert sorted(indices) == list(range(len(records)))  # one seeded index per inserted nodule

@@ -14,7 +14,7 @@ import torch
 from conftest import tiny_loop, tiny_unet_config
 from nodule_diffusion import diffusion, lora, training
 from nodule_diffusion.data import DEFAULT_VOCAB, DataError
-from nodule_diffusion.diffusion import DiffusionConfig, DiffusionModel, denoising_loss, loop_state_dict
+from nodule_diffusion.diffusion import DiffusionConfig, DiffusionModel, denoising_loss, loop_state_dict, snr_weight
 from nodule_diffusion.training import EMA, RunFiles, drop_attributes
 
 CPU = torch.device("cpu")
@@ -37,8 +37,8 @@ def fixed_inputs(model: DiffusionModel, n: int = 3):
 
 
 # ----------------------------------------------------------------------------------------------- loss, EMA, CFG
-def test_denoising_loss_weights_the_dilated_mask(disk_crops):
-    """A model whose error is exactly 1 inside the region and 0 outside has loss λ·|R| / (λ·|R| + |¬R|)."""
+def test_denoising_loss_weights_the_nodule_region(disk_crops):
+    """A model whose error is exactly 1 inside the region R and 0 outside: loss = mean_b λ|R_b| / (λ|R_b| + |¬R_b|)."""
     batch = disk_crops.get(torch.arange(4), torch.Generator().manual_seed(0))
     scheduler = DiffusionConfig(prediction_type="sample").scheduler()  # target = x0, known to the fake model
 
@@ -47,10 +47,24 @@ def test_denoising_loss_weights_the_dilated_mask(disk_crops):
 
     lam = 5.0
     loss = denoising_loss(fake_model, scheduler, batch, lam, torch.Generator().manual_seed(0))
-    inside = batch["region"].sum().item()
-    outside = batch["region"].numel() - inside
-    assert inside > 0 and outside > 0
-    assert loss.item() == pytest.approx(lam * inside / (lam * inside + outside), rel=1e-5)
+    inside = batch["region"].flatten(1).sum(1)  # (B,) region pixels per crop
+    outside = batch["region"][0].numel() - inside
+    assert (inside > 0).all() and (outside > 0).all()
+    assert loss.item() == pytest.approx((lam * inside / (lam * inside + outside)).mean().item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
+def test_min_snr_weight_matches_the_paper(kind):
+    """[MINSNR Eq. 8] min(SNR, γ) on the x0-MSE, expressed for each target; γ = 0 switches it off."""
+    scheduler = DiffusionConfig(prediction_type=kind).scheduler()
+    t = torch.tensor([0, 100, 500, 900, 999])
+    alpha_bar = scheduler.alphas_cumprod[t].double()
+    snr = alpha_bar / (1 - alpha_bar)
+    # ε-MSE = x0-MSE · SNR and v-MSE = x0-MSE · (SNR + 1), so each weight times that factor must be min(SNR, γ)
+    factor = {"epsilon": snr, "v_prediction": snr + 1, "sample": torch.ones_like(snr)}[kind]
+    weight = snr_weight(scheduler, t, 5.0).double()
+    torch.testing.assert_close(weight * factor, torch.clamp(snr, max=5.0), rtol=1e-5, atol=1e-7)
+    assert torch.equal(snr_weight(scheduler, t, 0.0), torch.ones(5))
 
 
 def test_ema_update_formula():
@@ -88,7 +102,7 @@ def test_drop_attributes_rate_is_p():
 # ----------------------------------------------------------------------------------------------- training loop
 def test_training_lowers_the_loss(disk_crops, tmp_path):
     """40 steps on bright disks bring the (fixed-draw) denoising loss well below its initial value of ≈ 1."""
-    model = new_model(0)
+    model = new_model(0, prediction_type="epsilon", min_snr_gamma=0.0)  # unweighted ε-MSE starts at E[ε²] = 1
     scheduler = model.diffusion.scheduler()
 
     def evaluate() -> float:
