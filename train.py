@@ -86,7 +86,7 @@ class TrainConfig:
     lambda_orth: float = 1.0  # weight of L_orth [OURS]
     lambda_attn: float = 0.1  # weight of L_attn [OURS]
     lambda_zip: float = 0.01  # ZipLoRA's merger-similarity weight [ZipLoRA §4]
-    lora_lr: float = 2e-3  # LoRA learning rate: B starts at 0 and a CPU budget allows ~100 steps [LoRA §4.1]
+    lora_lr: float = 5e-3  # LoRA learning rate: B starts at 0 and a CPU budget allows ~100 steps [LoRA §4.1]
     compose_lr: float = 0.01  # merger learning rate: m starts at 1 and must move within a few dozen steps
     cfg_dropout: float = 0.1  # cfg stage: p of dropping each attribute to its null token [CFG §3.2]
     vocab: str = ""  # JSON file with the attribute vocabulary (default: texture, margin, calcification)
