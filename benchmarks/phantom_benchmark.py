@@ -72,6 +72,16 @@ def train_models(out: Path, s: dict, device: str) -> list[tuple[str, str]]:
     return pairs
 
 
+def single_attribute(out: Path, s: dict, device) -> dict:
+    """Issue 10: every single-attribute LoRA, judged on nodules generated from held-out masks lacking its value."""
+    vocab = load_model(out / "base.pt", "cpu")[0].vocab
+    names = [f"{a}={v}" for a, values in vocab.items() for v in values]
+    real = load_records("phantom", out / "data", s["n_images"], 0, vocab)
+    test = load_records("phantom", out / "data", s["test"], 2, vocab)
+    return evaluation.controllability(str(out / "base.pt"), out / "lora", names, real, test, 1.4,
+                                      evaluation.JudgeSettings(), device)
+
+
 def controllability(out: Path, pairs, s: dict, device) -> dict:
     """Judge accuracy, FD_judge and Dice for every (pair, strategy), plus CFG and the triple."""
     vocab = load_model(out / "base.pt", "cpu")[0].vocab
@@ -156,7 +166,10 @@ def main() -> None:
         list(itertools.product(*(load_model(out / "base.pt", "cpu")[0].vocab[a] for a in ("texture", "margin"))))[: s["pairs"]]
     timings["training_s"] = time.time() - t
     t = time.time()
-    result = {"settings": s, "controllability": controllability(out, pairs, s, device)}
+    result = {"settings": s, "single": single_attribute(out, s, device)}
+    timings["single_attribute_s"] = time.time() - t
+    t = time.time()
+    result["controllability"] = controllability(out, pairs, s, device)
     timings["controllability_s"] = time.time() - t
     t = time.time()
     result["diagnostics"] = diagnose_pairs(out, pairs, device)
@@ -176,7 +189,8 @@ def main() -> None:
 def markdown(result: dict) -> str:
     """The tables of RESULTS.md, generated from benchmark.json (numbers are never typed by hand)."""
     sets = result["controllability"]["sets"]
-    lines = ["## Controllability (judge accuracy on generated nodules) and realism (FD_judge, mask Dice)", "",
+    lines = [evaluation.controllability_markdown(result["single"]),
+             "## Controllability (judge accuracy on generated nodules) and realism (FD_judge, mask Dice)", "",
              f"Judge accuracy on its real training crops: {json.dumps(result['controllability']['judge_train_accuracy'])}",
              "", "| strategy | pairs | texture acc | margin acc | both correct | mean FD_judge | mask Dice |",
              "|---|---|---|---|---|---|---|"]

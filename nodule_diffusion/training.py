@@ -191,7 +191,8 @@ def train_base(model: DiffusionModel, crops: NoduleCrops, cfg: LoopConfig, devic
 
 
 def train_lora(model: DiffusionModel, crops: NoduleCrops, attribute: str, value: str, r: int, alpha: float,
-               cfg: LoopConfig, device, generator, init: str = "kaiming", files: RunFiles | None = None) -> dict:
+               cfg: LoopConfig, device, generator, init: str = "kaiming", files: RunFiles | None = None,
+               targets: tuple[str, ...] = LORA_TARGETS, min_snr_gamma: float = 0.0) -> dict:
     """LoRA stage for one attribute value: adapters on the transformer linears (LORA_TARGETS) + its token train.
 
     init="orthogonal_bases": Orthogonal Adaptation [Po et al. 2024 §3.2]: A is a fixed slice of a shared random
@@ -201,7 +202,7 @@ def train_lora(model: DiffusionModel, crops: NoduleCrops, attribute: str, value:
     idx = subset_of(crops, model.vocab, attribute, value)
     name = f"{attribute}={value}"
     model.requires_grad_(False)
-    lora.inject_lora(model.unet, LORA_TARGETS, name, r, alpha)
+    lora.inject_lora(model.unet, targets, name, r, alpha)
     if init == "orthogonal_bases":
         _fix_orthogonal_basis(model, name, r)
     elif init != "kaiming":
@@ -215,10 +216,12 @@ def train_lora(model: DiffusionModel, crops: NoduleCrops, attribute: str, value:
     def loss_fn(step):
         batch = random_batch(crops, cfg.batch_size, generator, device, subset=idx)
         attrs = only(batch["attrs"], model.vocab, [attribute])
-        # DEVIATION: uniform weight over t (no Min-SNR-γ) in this stage. Min-SNR down-weights the high-noise steps
-        # where a nodule's overall density, i.e. its texture, is decided: at 100 steps a ground-glass adapter
-        # reached judge accuracy 0.47 with γ = 5 and lr 2e-3, 0.56 with γ = 0 and lr 5e-3 (closing note, issue 10).
-        return denoising_loss(model, scheduler, batch, model.diffusion.mask_weight, generator, attrs), {}
+        # DEVIATION: uniform weight over t (min_snr_gamma = 0) in this stage by default. Min-SNR down-weights the
+        # high-noise steps where a nodule's overall density, i.e. its texture, is decided: at 100 steps a
+        # ground-glass adapter reached judge accuracy 0.47 with γ = 5 and lr 2e-3, 0.56 with γ = 0 and lr 5e-3
+        # (benchmarks/RESULTS.md, "LoRA reach").
+        return denoising_loss(model, scheduler, batch, model.diffusion.mask_weight, generator, attrs,
+                              min_snr_gamma), {}
 
     cfg = LoopConfig(**{**to_plain(cfg), "ema_decay": 0.0})  # adapters are small and short-trained: no EMA
     return fit(model, params, loss_fn, cfg, device, generator, desc=f"lora {name}", files=files)

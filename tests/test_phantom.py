@@ -6,6 +6,8 @@ orderings (ground glass fainter than solid, spiculated rougher than smooth, calc
 many nodules. Small images (96-128 px at a coarser spacing, so nodules keep their size in mm) keep this fast.
 """
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -230,3 +232,17 @@ def test_cli_writes_dataset_and_preview(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         phantom.run_cli(lambda: phantom.main(["--out_dir", str(tmp_path / "x"), "--size", "10"]))
     assert exit_info.value.code == 2 and "size >= 64" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ mask independence
+def test_no_attribute_is_readable_from_the_mask(tmp_path):
+    """Design §3 / issue 10: a random forest on mask-shape features reads no attribute better than chance + 0.10
+    on a held-out seed (benchmarks/mask_independence.py runs the same check at a larger size)."""
+    oracle("sklearn", "the random forest of the mask-only control")
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from mask_independence import features_and_labels, mask_only_accuracy
+    train = features_and_labels(tmp_path / "a", 200, 0)
+    test = features_and_labels(tmp_path / "b", 150, 1)
+    for name, r in mask_only_accuracy(train, test).items():
+        assert r["accuracy"] <= r["chance"] + 0.10, (name, r)
