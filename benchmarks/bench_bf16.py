@@ -43,7 +43,8 @@ def step_time(model, x, t, ctx, bf16: bool, device: torch.device, iters: int) ->
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__.split("Examples:")[1], formatter_class=argparse.RawTextHelpFormatter)
+                                     epilog=__doc__.split("Examples:")[1],
+                                     formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--batch", type=int, default=16, help="crops per step")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--iters", type=int, default=3, help="timed steps per round")

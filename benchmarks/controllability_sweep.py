@@ -9,7 +9,7 @@ rules), with seconds of training. JSON and a markdown table under --out_dir.
 
 Examples:
     python benchmarks/controllability_sweep.py --out_dir runs/sweep                    # both phases, ~30 min
-    python benchmarks/controllability_sweep.py --out_dir runs/sweep --phase lora --lora_steps 100 300
+    python benchmarks/controllability_sweep.py --out_dir runs/sweep --phase lora --lora_steps 300 --configs X
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -28,7 +27,8 @@ from nodule_diffusion import datasets, diffusion, lora, training  # noqa: E402
 from nodule_diffusion.data import DEFAULT_VOCAB, NoduleCrops  # noqa: E402
 from nodule_diffusion.diffusion import DiffusionConfig, DiffusionModel  # noqa: E402
 from nodule_diffusion.evaluation import JudgeSettings, train_attribute_judge  # noqa: E402
-from nodule_diffusion.synthesis import _grid, generate_for  # noqa: E402
+from nodule_diffusion.judge import attribute_accuracy  # noqa: E402
+from nodule_diffusion.synthesis import generate_crops, generate_for, triplet_grid  # noqa: E402
 from nodule_diffusion.training import LoopConfig  # noqa: E402
 from nodule_diffusion.unet import UNetConfig  # noqa: E402
 
@@ -38,6 +38,8 @@ LORAS = {  # name: (targets, γ of the LoRA loss, lr)
     "attn_g5_lr2e-3": (ATTENTION, 5.0, 2e-3),
     "wide_g5_lr2e-3": (diffusion.LORA_TARGETS, 5.0, 2e-3),
     "wide_g0_lr5e-3": (diffusion.LORA_TARGETS, 0.0, 5e-3),
+    # + the ResBlocks' timestep projections: a per-channel shift at every resolution, 32×32 included
+    "wide_tproj_g0_lr5e-3": (diffusion.LORA_TARGETS + ("t_proj",), 0.0, 5e-3),
 }
 CPU = torch.device("cpu")
 
@@ -53,7 +55,6 @@ def sample_crops(model, crops, idx, attrs, sampler: str, steps: int, eta: float)
     batch = crops.get(torch.as_tensor(idx))
     scheduler = model.diffusion.scheduler(sampler)
     scheduler.set_timesteps(steps)
-    from nodule_diffusion.synthesis import generate_crops
     m, c = batch["mask"], batch["context"]
     x0 = generate_crops(lambda xt, t, k: model(xt, t, m, c, attrs), scheduler, m, c, [0] * len(idx), list(idx), eta)
     return batch, c + batch["region"] * x0
@@ -80,7 +81,8 @@ def base_phase(args, crops, test, out: Path) -> dict:
                 "laplacian_generated": laplacian_in(gen, r), "laplacian_real": laplacian_in(batch["x0"], r),
                 "mean_in_mask_generated": float((gen * m).sum() / m.sum()),
                 "mean_in_mask_real": float((batch["x0"] * m).sum() / m.sum())}
-            _grid(batch, gen, out / f"base_{name}_{sampler}{steps}_eta{eta:g}.png", ["generated"] * len(idx))
+            grid = out / f"base_{name}_{sampler}{steps}_eta{eta:g}.png"
+            triplet_grid(batch, gen, grid, ["generated"] * len(idx))
         results[name] = entry
         print(name, json.dumps(entry), flush=True)
     return results
@@ -89,11 +91,9 @@ def base_phase(args, crops, test, out: Path) -> dict:
 def lora_phase(args, crops, test, real, out: Path) -> dict:
     judge, _, _ = train_attribute_judge(real, DEFAULT_VOCAB, 1.4, JudgeSettings(), CPU)
     t = test.get(torch.arange(len(test)))
-    results = {"judge_real_accuracy": {}}
-    from nodule_diffusion.judge import attribute_accuracy
-    results["judge_real_accuracy"] = attribute_accuracy(judge.predict(t["x0"]), t["attrs"], DEFAULT_VOCAB)
+    results = {"judge_real_accuracy": attribute_accuracy(judge.predict(t["x0"]), t["attrs"], DEFAULT_VOCAB)}
     base_state = torch.load(out / "base_v_minsnr5.pt", weights_only=True)
-    for config, (targets, gamma, lr) in LORAS.items():
+    for config, (targets, gamma, lr) in ((c, LORAS[c]) for c in args.configs):
         for steps in args.lora_steps:
             for name in args.values:
                 attribute, value = name.split("=")
@@ -114,7 +114,7 @@ def lora_phase(args, crops, test, real, out: Path) -> dict:
                 generated = batch["context"] + batch["region"] * x0
                 accuracy = float((judge.predict(generated)[:, k] == v).float().mean())
                 results[f"{config}/{steps}/{name}"] = {"accuracy": accuracy, "train_s": seconds}
-                _grid(batch, x0, out / f"lora_{config}_{steps}_{name}.png", [value] * len(lacking))
+                triplet_grid(batch, x0, out / f"lora_{config}_{steps}_{name}.png", [value] * len(lacking))
                 print(config, steps, name, accuracy, seconds, flush=True)
     return results
 
@@ -126,6 +126,7 @@ def main() -> None:
     parser.add_argument("--phase", choices=["base", "lora", "both"], default="both", help="which sweep to run")
     parser.add_argument("--base_steps", type=int, default=400, help="base training steps (demo preset: 400)")
     parser.add_argument("--lora_steps", type=int, nargs="+", default=[100], help="LoRA steps to try")
+    parser.add_argument("--configs", nargs="+", default=list(LORAS), choices=list(LORAS), help="LoRA set-ups")
     parser.add_argument("--values", nargs="+", default=["texture=ground_glass", "calcification=calcified",
                                                          "margin=spiculated"], help="attribute values")
     args = parser.parse_args()

@@ -143,8 +143,6 @@ def read_spacing(path: str | Path) -> float | None:
 def image_size(path: Path, frame: int | None = None) -> tuple[int, int]:
     """(H, W) of an image from its header where the format has one (PNG/JPEG/TIFF, DICOM, MetaImage, JSRT), else
     by reading it; DataError when it is outside check_image_size's limits."""
-    from nodule_diffusion import formats
-
     path = Path(path)
     size_hw = formats.read_header(path)[0]
     if size_hw is None and path.suffix.lower() in (".png", ".jpg", ".jpeg", ".tif", ".tiff"):

@@ -317,7 +317,7 @@ def generate_for(model, crops, indices, attrs, steps=25, seed=0):
     return batch, x0.cpu()
 
 
-def _grid(batch, x0, path, labels):
+def triplet_grid(batch, x0, path, labels):
     """mask | real | generated, where "generated" is what insertion keeps: the model's pixels inside the nodule
     region, the real context outside it."""
     tiles, names = [], []
@@ -333,7 +333,7 @@ def sample_grid(model, crops: NoduleCrops, path: Path, n: int = 9) -> None:
     idx = list(range(min(n, len(crops))))
     attrs = attr_tensor({}, model.vocab, len(idx), "cpu")
     batch, x0 = generate_for(model, crops, idx, attrs)
-    _grid(batch, x0, path, ["generated"] * len(idx))
+    triplet_grid(batch, x0, path, ["generated"] * len(idx))
 
 
 def lora_grid(model, crops: NoduleCrops, name: str, path: Path, n: int = 9) -> None:
@@ -345,4 +345,4 @@ def lora_grid(model, crops: NoduleCrops, name: str, path: Path, n: int = 9) -> N
     attrs = attr_tensor({attribute: value}, model.vocab, len(idx), "cpu")
     model.eval()
     batch, x0 = generate_for(model, crops, idx, attrs)
-    _grid(batch, x0, path, [value] * len(idx))
+    triplet_grid(batch, x0, path, [value] * len(idx))
