@@ -257,6 +257,7 @@ def run_all(train, loop, unet_cfg, diffusion_cfg, detect, demo: DemoConfig) -> d
     real = evaluation.low_data_subset(real, detect.low_data, train.seed)
     report = evaluation.evaluate_detection(real, synthetic, test, detect, train.spacing_mm, device, out)
     report["controllability"] = control
+    report["density"] = evaluation.density_check(synthetic)
     report["wall_time_s"] = round(time.time() - start, 1)
     common.write_json(out / "report.json", report)
     write_demo_report(out, report, names)
@@ -269,6 +270,9 @@ def write_demo_report(out: Path, report: dict, names: list[str]) -> None:
     grids = sorted(p.name for p in out.glob("samples_base_*.png"))[-1:]
     lines = [evaluation.report_markdown(report, "nodule_diffusion demo report"),
              evaluation.controllability_markdown(report["controllability"]) if "controllability" in report else "",
+             "Inserted nodules darker than the ring 1–3 px around them: "
+             f"{report['density']['n_darker_than_ring']} of {report['density']['n_inserted']}.\n"
+             if "density" in report else "",
              f"Wall time: {report.get('wall_time_s', 0):.0f} s.", "", "## Pictures", "",
              *(f"Base model, mask | real | generated: ![]({g})" for g in grids),
              *(f"\nLoRA `{n}` (masks of nodules without the value, generated with it): ![](lora/{n}.png)"

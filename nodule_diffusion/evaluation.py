@@ -31,7 +31,7 @@ from PIL import Image, ImageDraw
 
 from nodule_diffusion import compose, datasets, lora, metrics
 from nodule_diffusion.common import atomic_path, seed_everything, write_json
-from nodule_diffusion.data import DataError, NoduleCrops, crop_at, load_record, read_image
+from nodule_diffusion.data import DataError, NoduleCrops, crop_at, dilate, load_record, read_image
 from nodule_diffusion.detector import DetectorConfig, FasterRCNN, predict_all, train_detector
 from nodule_diffusion.diffusion import (adapter_names, attr_tensor, composed_path, load_lora, load_model,
                                         parse_attributes)
@@ -248,6 +248,20 @@ def train_attribute_judge(real, vocab, spacing_mm, settings: JudgeSettings, devi
     return judge, r, train_acc
 
 
+def density_check(synthetic) -> dict:
+    """A nodule adds attenuation (design §4): per inserted nodule, mean intensity inside its mask against the
+    mean of the ring 1–3 px outside it, on the written image. Returns counts and the smallest difference."""
+    differences = []
+    for record in _only_synthetic(synthetic):
+        image = read_image(record.image)
+        for nodule in record.nodules:
+            mask = torch.from_numpy((read_image(nodule.mask) > 0).astype(np.float32))[None, None]  # (1, 1, H, W)
+            near, far = (dilate(mask, p)[0, 0].numpy() > 0.5 for p in (1, 3))
+            differences.append(float(image[mask[0, 0].numpy() > 0.5].mean() - image[far & ~near].mean()))
+    return {"n_inserted": len(differences), "n_darker_than_ring": int(sum(d < 0 for d in differences)),
+            "min_inside_minus_ring": min(differences, default=float("nan"))}
+
+
 def score_synthetic(judge, real: dict, synthetic, vocab, spacing_mm, crop_size: int) -> tuple[dict, dict, list]:
     """Controllability (judge accuracy vs the requested attributes), FD_judge per value, mask Dice per nodule."""
     syn = _only_synthetic(synthetic)
@@ -328,7 +342,8 @@ def attribute_report(real, synthetic, vocab, spacing_mm, settings: JudgeSettings
     """Judge accuracy, FD_judge per attribute value, mask Dice; writes attributes.json/.md and best_worst.png."""
     judge, r, train_acc = train_attribute_judge(real, vocab, spacing_mm, settings, device)
     scores, s, dice = score_synthetic(judge, r, synthetic, vocab, spacing_mm, settings.crop_size)
-    result = {"n_synthetic": len(s["x0"]), "n_real": len(r["x0"]), "judge_train_accuracy": train_acc, **scores}
+    result = {"n_synthetic": len(s["x0"]), "n_real": len(r["x0"]), "judge_train_accuracy": train_acc, **scores,
+              "density": density_check(synthetic)}
     write_json(out / "attributes.json", result)
     order = np.argsort(np.nan_to_num(np.array(dice), nan=-1.0))
     picks = [*order[::-1][:8], *order[:8]]
@@ -339,7 +354,9 @@ def attribute_report(real, synthetic, vocab, spacing_mm, settings: JudgeSettings
     lines += [f"| {a} | {scores['accuracy'][a]:.3f} | {train_acc[a]:.3f} |" for a in vocab]
     lines += ["", "| value | FD_judge (synthetic vs real) |", "|---|---|"]
     lines += [f"| {k} | {v:.3f} |" for k, v in scores["frechet_distance_judge"].items()]
-    lines += ["", f"Mask Dice (requested vs generated): {result['mask_dice_mean']:.3f}",
+    lines += ["", f"Mask Dice (requested vs generated): {result['mask_dice_mean']:.3f}", "",
+              f"Inserted nodules darker than the ring 1–3 px around them: {result['density']['n_darker_than_ring']}"
+              f" of {result['density']['n_inserted']}",
               "", "Best (left 8) and worst (right 8) by Dice: ![](best_worst.png)", ""]
     (out / "attributes.md").write_text("\n".join(lines))
     return result

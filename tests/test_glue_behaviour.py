@@ -362,3 +362,22 @@ def test_progress_bars_do_not_flood_a_file():
         time.sleep(0.02)
     assert stream.getvalue().count("\r") <= 2, stream.getvalue()
     assert progress_options(type("Tty", (), {"isatty": lambda self: True})()) == {}
+
+
+def test_density_check_counts_nodules_darker_than_their_ring(tmp_path):
+    """evaluation.density_check: mean inside the mask vs the ring 1–3 px outside, per inserted nodule."""
+    from nodule_diffusion.common import save_image_png
+    from nodule_diffusion.data import ImageRecord, Nodule
+    from nodule_diffusion.evaluation import density_check
+    yy, xx = np.mgrid[0:48, 0:48]
+    records = []
+    for k, level in enumerate((0.8, 0.1)):  # a bright nodule, then a dark "hole" on a 0.4 background
+        mask = (xx - 24) ** 2 + (yy - 24) ** 2 <= 25
+        image = np.where(mask, level, 0.4).astype(np.float32)
+        save_image_png(tmp_path / f"i{k}.png", image)
+        save_image_png(tmp_path / f"m{k}.png", mask.astype(np.uint8) * 255)
+        records.append(ImageRecord(image=tmp_path / f"i{k}.png", nodules=[Nodule(
+            box=(19.0, 19.0, 30.0, 30.0), attributes={}, mask=tmp_path / f"m{k}.png", extra={"synthetic": "1"})]))
+    result = density_check(records)
+    assert result["n_inserted"] == 2 and result["n_darker_than_ring"] == 1
+    assert result["min_inside_minus_ring"] == pytest.approx(0.1 - 0.4, abs=2e-4)
