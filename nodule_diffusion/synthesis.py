@@ -26,8 +26,8 @@ from tqdm import tqdm
 
 from nodule_diffusion import compose, formats
 from nodule_diffusion.common import atomic_path, progress_options, save_image_png
-from nodule_diffusion.data import (REGION_REACH, DataError, ImageRecord, Nodule, NoduleCrops, crop_at, nodule_region,
-                                   read_image, write_annotations, write_coco)
+from nodule_diffusion.data import (REGION_REACH, DataError, ImageRecord, Nodule, NoduleCrops, crop_at, dilate,
+                                   nodule_region, read_image, write_annotations, write_coco)
 from nodule_diffusion.diffusion import attr_tensor, load_model
 from nodule_diffusion.schedulers import DDIMScheduler, sample_loop
 
@@ -146,6 +146,22 @@ def paste(image: np.ndarray, generated: np.ndarray, weight: np.ndarray, top: int
     return out
 
 
+def no_darker_than_surround(crop: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """A nodule adds attenuation, so it is never less dense than the lung around it (design §4): when the mean
+    of `crop` (S, S) inside the mask is below the mean of the ring 1–3 px outside it, the mask is lifted by the
+    difference. [OURS] a faint (ground-glass) nodule on a background darker than its surround needs this."""
+    m = torch.from_numpy(mask.astype(np.float32))[None, None]  # (1, 1, S, S)
+    ring = ((dilate(m, 3) - dilate(m, 1))[0, 0] > 0.5).numpy()
+    inside = mask > 0.5
+    if not ring.any() or not inside.any():
+        return crop
+    deficit = float(crop[ring].mean() - crop[inside].mean())
+    if deficit <= 0:
+        return crop
+    # + 1e-4 (≈ 7 steps of a 16-bit PNG): the written, quantised image must still pass the comparison
+    return crop + (deficit + 1e-4) * inside.astype(crop.dtype)
+
+
 def _resize(arr: np.ndarray, size: int, resample) -> np.ndarray:
     return np.asarray(Image.fromarray(arr.astype(np.float32), mode="F").resize((size, size), resample), np.float32)
 
@@ -161,7 +177,8 @@ def insert_nodules(image: np.ndarray, requests: list[Request], generate, crop_si
     (the diffusion model sees only the masked context; the insertion baselines add onto the original crop).
     Requests are processed one after another so that overlapping nodules see each other.
     A nodule adds attenuation (design §4): only the generated excess over the original crop is pasted,
-    max(generated − original, 0), so an insertion never lowers the density of any pixel.
+    max(generated − original, 0), so an insertion never lowers the density of any pixel, and the nodule is
+    lifted where needed so that it is never less dense than the ring around it (no_darker_than_surround).
     """
     out, full_masks = image.astype(np.float32).copy(), []
     native = max(1, round(crop_size / scale))
@@ -175,7 +192,7 @@ def insert_nodules(image: np.ndarray, requests: list[Request], generate, crop_si
         x0 = torch.from_numpy(work * 2 - 1)[None, None]  # (1, 1, S, S) in [-1, 1]
         context = x0 * torch.from_numpy(1.0 - region.astype(np.float32))[None, None]
         gen = generate(torch.from_numpy(mask)[None, None], context, [req], x0)[0, 0].cpu().numpy()
-        gen01 = work + np.maximum((gen + 1) / 2 - work, 0.0)  # density is only ever added
+        gen01 = no_darker_than_surround(work + np.maximum((gen + 1) / 2 - work, 0.0), mask)  # density only added
         if native != crop_size:  # resample the change and the weight back to the image's pixels
             delta = _resize(gen01 - work, native, Image.BILINEAR)
             weight = _resize(weight, native, Image.BILINEAR) * (_resize(region.astype(np.float32), native,

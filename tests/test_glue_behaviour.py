@@ -381,3 +381,20 @@ def test_density_check_counts_nodules_darker_than_their_ring(tmp_path):
     result = density_check(records)
     assert result["n_inserted"] == 2 and result["n_darker_than_ring"] == 1
     assert result["min_inside_minus_ring"] == pytest.approx(0.1 - 0.4, abs=2e-4)
+
+
+def test_inserted_nodule_is_never_less_dense_than_its_ring():
+    """A faint nodule on a background darker inside than around: the written nodule is lifted to its ring's mean."""
+    from nodule_diffusion.data import dilate
+    yy, xx = np.mgrid[0:64, 0:64]
+    hole = ((xx - 32) ** 2 + (yy - 32) ** 2 <= 36)
+    image = np.where(hole, 0.2, 0.5).astype(np.float32)  # the background is darker where the nodule goes
+
+    def faint(masks, contexts, requests, originals):
+        return originals + 0.05 * masks  # adds a little density: not enough to reach the ring's level
+
+    out, (mask,) = synthesis.insert_nodules(image, [synthesis.Request(32, 32, diameter_px=12)], faint, crop_size=32)
+    m = torch.from_numpy(mask.astype(np.float32))[None, None]
+    ring = ((dilate(m, 3) - dilate(m, 1))[0, 0] > 0.5).numpy()
+    assert out[mask].mean() >= out[ring].mean() - 1e-6
+    assert (out >= image).all()
