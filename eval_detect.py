@@ -74,7 +74,8 @@ def check_output_folder(cfg: EvalConfig) -> None:
     checks.check_writable_dir(out)
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None):
+    """(command, EvalConfig, DetectConfig, JudgeSettings), every flag checked against checks.FLAG_RANGES."""
     parser = common.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["detect", "attributes", "diagnose"])
     parser.add_argument("--config", help="JSON file of flag values")
@@ -87,13 +88,18 @@ def main(argv=None) -> None:
     cfg, det, judge = (common.config_from_args(cls, args, file_cfg) for cls in configs)
     for config in (cfg, det, judge):
         checks.check_ranges(config, checks.FLAG_RANGES)
+    return args.command, cfg, det, judge
+
+
+def main(argv=None) -> None:
+    command, cfg, det, judge = parse_args(argv)
     device = common.resolve_device(cfg.device)
     check_output_folder(cfg)
     common.print_config(cfg)
     common.seed_everything(cfg.seed)
-    if args.command == "detect":
+    if command == "detect":
         detect(cfg, det, device)
-    elif args.command == "attributes":
+    elif command == "attributes":
         real = datasets.load_records(cfg.real, Path(cfg.out_dir) / "data", cfg.n_images, cfg.seed, DEFAULT_VOCAB)
         result = evaluation.attribute_report(real, synthetic_records(cfg.synthetic, DEFAULT_VOCAB), DEFAULT_VOCAB,
                                               cfg.spacing_mm, judge, device, Path(cfg.out_dir))

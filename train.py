@@ -224,9 +224,9 @@ def check_resume(path: Path, train: TrainConfig, loop: LoopConfig, model: Diffus
         print(f"--resume: no {path} yet, starting at step 0")
         return None
     resumed, payload = diffusion.load_model(path, device, raw=True)
-    stored = {**payload["unet_config"], **payload["diffusion_config"], **{
+    stored = common.to_plain({**payload["unet_config"], **payload["diffusion_config"], **{
         k: v for group, keys in RESUME_KEYS.items() for k, v in payload["train_config"].get(group, {}).items()
-        if k in keys}, "vocab": payload["vocab"]}
+        if k in keys}, "vocab": payload["vocab"]})  # tuples → lists, as in `now`
     now = common.to_plain({**model.unet_config.to_dict(), **vars(model.diffusion), "vocab": model.vocab,
                            **{k: getattr(train, k) for k in RESUME_KEYS["train"]},
                            **{k: getattr(loop, k) for k in RESUME_KEYS["loop"]}})
