@@ -193,12 +193,18 @@ def run_stage(train: TrainConfig, loop: LoopConfig, unet_cfg: UNetConfig, diffus
     resumed = None
     if train.stage in ("base", "cfg"):
         check_new_outputs(replace(train, overwrite=train.overwrite or train.resume), [out / f"{train.stage}.pt"])
-        resumed = check_resume(out / f"{train.stage}.pt", train, loop, model, device) if train.resume else None
+        if train.resume:
+            resumed = training.resume_state(out / f"{train.stage}.pt", model, device, loop, common.to_plain(train))
     elif train.stage == "lora":
         check_new_outputs(train, [out / "lora" / f"{name}.pt" for name in wanted_adapters(train, vocab)])
+    else:
+        names = diffusion.adapter_names(diffusion.parse_attributes(train.attributes, vocab))
+        check_new_outputs(train, [diffusion.composed_path(out, train.strategy, names)])
     records = datasets.load_records(train.data, out / "data", train.n_images, train.seed, vocab)
     crops = NoduleCrops(records, vocab, unet_cfg.crop_size, train.spacing_mm, augment=True, progress=rank == 0)
     print(f"{len(crops)} nodule crops of {unet_cfg.crop_size}px from {len(records)} images")
+    if rank == 0 and train.stage in ("base", "cfg") and resumed is None and train.overwrite:
+        forget_earlier_run(out, train.stage)
     if rank == 0:
         common.write_json(out / f"config_{train.stage}.json",
                           {"train": train, "loop": loop, "unet": unet_cfg, "diffusion": model.diffusion})
@@ -211,33 +217,17 @@ def run_stage(train: TrainConfig, loop: LoopConfig, unet_cfg: UNetConfig, diffus
     return [train_composition(train, loop, model, crops, device, generator, log, base_fp)]
 
 
-# Settings a resumed run must share with the checkpoint (the rest, e.g. --steps and the logging intervals, may
-# change): another value would silently continue a different run.
-RESUME_KEYS = {"loop": ("batch_size", "lr", "warmup", "weight_decay", "grad_clip", "ema_decay"),
-               "train": ("data", "n_images", "seed", "spacing_mm", "cfg_dropout")}
-
-
-def check_resume(path: Path, train: TrainConfig, loop: LoopConfig, model: DiffusionModel, device):
-    """--resume: (model state, loop state) of `path` when its settings match this run, else DataError naming the
-    keys that differ; None when there is no checkpoint yet (a run killed before its first one starts afresh)."""
-    if not path.is_file():
-        print(f"--resume: no {path} yet, starting at step 0")
-        return None
-    resumed, payload = diffusion.load_model(path, device, raw=True)
-    stored = common.to_plain({**payload["unet_config"], **payload["diffusion_config"], **{
-        k: v for group, keys in RESUME_KEYS.items() for k, v in payload["train_config"].get(group, {}).items()
-        if k in keys}, "vocab": payload["vocab"]})  # tuples → lists, as in `now`
-    now = common.to_plain({**model.unet_config.to_dict(), **vars(model.diffusion), "vocab": model.vocab,
-                           **{k: getattr(train, k) for k in RESUME_KEYS["train"]},
-                           **{k: getattr(loop, k) for k in RESUME_KEYS["loop"]}})
-    differ = [f"{k} {v!r} → {now[k]!r}" for k, v in stored.items() if k in now and v != now[k]]
-    if differ:
-        raise DataError(f"--resume {path}: this run's settings differ from the checkpoint's: {'; '.join(differ)}; "
-                        f"use the checkpoint's values or a new --out_dir")
-    if payload["loop"]["step"] >= loop.steps:
-        raise DataError(f"--steps {loop.steps}: {path} is already at step {payload['loop']['step']}; give more "
-                        f"--steps to continue it")
-    return resumed.state_dict(), payload["loop"]
+def forget_earlier_run(out: Path, stage: str) -> None:
+    """--overwrite of a base/cfg run: drop the earlier run's sample grids and log lines of this stage, which would
+    otherwise sit beside the new run's (the demo report shows the highest-numbered grid)."""
+    for grid in out.glob(f"samples_{stage}_*.png"):
+        grid.unlink()
+    log = out / "log.jsonl"
+    if log.is_file():
+        kept = [line for line in log.read_text().splitlines(keepends=True)
+                if not line.strip() or json.loads(line).get("stage") != stage]
+        with common.atomic_path(log) as tmp:
+            tmp.write_text("".join(kept))
 
 
 def wanted_adapters(train: TrainConfig, vocab: dict) -> list[str]:
@@ -254,7 +244,7 @@ def wanted_adapters(train: TrainConfig, vocab: dict) -> list[str]:
 
 def train_full(train, loop, model, crops, device, generator, log, rank, resumed=None) -> Path:
     """Base or CFG stage; training.fit writes the periodic atomic checkpoints, sample grids and log lines.
-    resumed: (model state, loop state) from check_resume, or None for a fresh run."""
+    resumed: (model state, loop state) from training.resume_state, or None for a fresh run."""
     path = Path(train.out_dir) / f"{train.stage}.pt"
     state = None
     if resumed is not None:

@@ -82,6 +82,8 @@ def files(tmp_path_factory, disk_csv, tiny_base) -> dict:
         (root / folder).mkdir(parents=True)
     shutil.copy(tiny_base, root / "with_base" / "base.pt")
     (root / "with_lora" / "lora" / "texture=solid.pt").write_text("an earlier adapter")
+    (root / "with_compose" / "compose").mkdir(parents=True)
+    (root / "with_compose" / "compose" / "ortho_margin=spiculated+texture=solid.pt").write_text("an earlier one")
     (root / "nonempty").mkdir()
     (root / "nonempty" / "notes.txt").write_text("the user's file")
     (root / "lora_is_file").mkdir()
@@ -162,6 +164,9 @@ CASES = {
     "train lora --lora_rank 0": ("train", lambda f: lora_args(f, "--lora_rank", "0"), "--lora_rank 0"),
     "train lora two values": ("train", lambda f: lora_args(f, "--attribute", "texture=solid,margin=spiculated"),
                               "--attribute"),
+    "train compose over its output": ("train", lambda f: [*lora_args(f, out="with_compose"), "--stage", "compose",
+                                                          "--attributes", "texture=solid,margin=spiculated"],
+                                      "ortho_margin=spiculated+texture=solid.pt"),
     "train --stage all, not empty": ("train", lambda f: train_args(f, "--stage", "all", out="nonempty"),
                                      "not empty"),
     "sample --steps 0": ("sample", lambda f: sample_args(f, "--steps", "0"), "--steps 0"),
@@ -303,6 +308,22 @@ def test_sample_output_folder_rule(files, capsys):
         synthesis.insert_nodules = real_insert
     assert code == 2 and snapshot(out) == before
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".rule.")]  # no temporary folder left
+
+
+def test_train_overwrite_replaces_the_stage_only(files, capsys, tmp_path):
+    """--overwrite of a base run: a new base.pt, and no sample grid or log line of the earlier run is left."""
+    out = tmp_path / "run"
+    shutil.copytree(files["resumable"], out)
+    (out / "samples_base_000400.png").write_bytes(b"a grid of a longer earlier run")
+    with (out / "log.jsonl").open("a") as log:
+        log.write(json.dumps({"stage": "lora texture=solid", "step": 1, "loss": 0.1}) + "\n")
+    argv = [*TRAIN, "--data", f"csv:{files['csv']}", "--out_dir", out, "--overwrite", "--steps", "3"]
+    assert run_main("train", argv, capsys)[0] == 0
+    lines = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if r["stage"] == "base"] == [1, 2, 3]
+    assert [r["stage"] for r in lines if r["stage"] != "base"] == ["lora texture=solid"]  # other stages kept
+    assert sorted(p.name for p in out.glob("samples_base_*.png")) == ["samples_base_000003.png"]
+    assert torch.load(out / "base.pt", weights_only=True)["loop"]["step"] == 3
 
 
 def test_sources_with_one_file_name_get_their_own_outputs(files, capsys, tmp_path):
