@@ -53,8 +53,8 @@ import numpy as np
 from . import formats
 from .common import DataError, atomic_path
 
-__all__ = ["write_derived", "can_write_back", "derived_suffix", "linear_to_stored", "table_to_stored", "dicom_forward_table",
-           "mark_derived_dicom"]
+__all__ = ["write_derived", "can_write_back", "derived_suffix", "linear_to_stored", "table_to_stored",
+           "dicom_forward_table", "mark_derived_dicom"]
 
 _PNG_FULL_SCALE = {"L": 255, "I;16": 65535}  # PIL mode → the stored value that reads as 1.0 [data._read_pil]
 

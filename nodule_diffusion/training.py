@@ -175,7 +175,8 @@ def resume_state(path: Path, model: DiffusionModel, device, loop: LoopConfig, tr
         k: v for group, keys in RESUME_KEYS.items() for k, v in payload["train_config"].get(group, {}).items()
         if k in keys}})  # tuples → lists, as in `now`
     now = to_plain({**model.unet_config.to_dict(), **vars(model.diffusion), "vocab": model.vocab,
-                    **{k: train[k] for k in RESUME_KEYS["train"]}, **{k: getattr(loop, k) for k in RESUME_KEYS["loop"]}})
+                    **{k: train[k] for k in RESUME_KEYS["train"]},
+                    **{k: getattr(loop, k) for k in RESUME_KEYS["loop"]}})
     differ = [f"{k} {v!r} → {now[k]!r}" for k, v in stored.items() if k in now and v != now[k]]
     if differ:
         raise DataError(f"--resume {path}: this run's settings differ from the checkpoint's: {'; '.join(differ)}; "
