@@ -11,7 +11,8 @@ Examples:
     # the paper's two failure causes, before/after composition: ΔW cosines, principal angles, attention overlap
     python eval_detect.py diagnose --ckpt runs/demo/base.pt --attributes texture=ground_glass,margin=spiculated
 Outputs under --out_dir: report.json, report.md, froc.png (detect); attributes.json, attributes.md,
-best_worst.png (attributes); diagnose.json, diagnose.png (diagnose).
+best_worst.png (attributes); diagnose.json, diagnose.png (diagnose). --out_dir must be new or empty unless
+--overwrite (files of the same names are then replaced), and outside the --real / --test / --synthetic folders.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-from nodule_diffusion import common, datasets, evaluation
+from nodule_diffusion import checks, common, datasets, evaluation
 from nodule_diffusion.data import DEFAULT_VOCAB, DataError, read_annotations
 
 
@@ -37,6 +38,7 @@ class EvalConfig:
     seed: int = 0  # seed of the real phantom images (test images use seed + 2) and of the detectors
     device: str = "auto"  # auto | cpu | cuda
     out_dir: str = "runs/demo/eval"  # reports, pictures and the phantom cache go here
+    overwrite: bool = False  # write into a non-empty --out_dir (replacing files of the same names)
 
 
 def synthetic_records(folder: str, vocab: dict):
@@ -61,24 +63,43 @@ def detect(cfg: EvalConfig, det: evaluation.DetectConfig, device) -> None:
     print((out / "report.md").read_text())
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def check_output_folder(cfg: EvalConfig) -> None:
+    """--out_dir outside every input folder, new or empty unless --overwrite, writable: all before any work."""
+    out = Path(cfg.out_dir)
+    inputs = {"--real": datasets.parse_data_spec(cfg.real)[1], "--test": datasets.parse_data_spec(cfg.test)[1],
+              "--synthetic": cfg.synthetic or None}
+    checks.check_output_dir(out, inputs)
+    if out.is_dir() and any(out.iterdir()) and not cfg.overwrite:
+        raise DataError(f"--out_dir {out}: not empty; give a new folder, or --overwrite to replace its reports")
+    checks.check_writable_dir(out)
+
+
+def parse_args(argv=None):
+    """(command, EvalConfig, DetectConfig, JudgeSettings), every flag checked against checks.FLAG_RANGES."""
+    parser = common.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["detect", "attributes", "diagnose"])
     parser.add_argument("--config", help="JSON file of flag values")
-    for cls in (EvalConfig, evaluation.DetectConfig, evaluation.JudgeSettings):
+    configs = (EvalConfig, evaluation.DetectConfig, evaluation.JudgeSettings)
+    for cls in configs:
         common.add_dataclass_args(parser, cls)
     args = parser.parse_args(argv)
     file_cfg = common.read_config_file(args.config)
-    cfg = common.config_from_args(EvalConfig, args, file_cfg)
-    det = common.config_from_args(evaluation.DetectConfig, args, file_cfg)
-    judge = common.config_from_args(evaluation.JudgeSettings, args, file_cfg)
+    common.check_config_keys(args.config, file_cfg, *configs)
+    cfg, det, judge = (common.config_from_args(cls, args, file_cfg) for cls in configs)
+    for config in (cfg, det, judge):
+        checks.check_ranges(config, checks.FLAG_RANGES)
+    return args.command, cfg, det, judge
+
+
+def main(argv=None) -> None:
+    command, cfg, det, judge = parse_args(argv)
+    device = common.resolve_device(cfg.device)
+    check_output_folder(cfg)
     common.print_config(cfg)
     common.seed_everything(cfg.seed)
-    device = common.resolve_device(cfg.device)
-    Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
-    if args.command == "detect":
+    if command == "detect":
         detect(cfg, det, device)
-    elif args.command == "attributes":
+    elif command == "attributes":
         real = datasets.load_records(cfg.real, Path(cfg.out_dir) / "data", cfg.n_images, cfg.seed, DEFAULT_VOCAB)
         result = evaluation.attribute_report(real, synthetic_records(cfg.synthetic, DEFAULT_VOCAB), DEFAULT_VOCAB,
                                               cfg.spacing_mm, judge, device, Path(cfg.out_dir))

@@ -15,7 +15,9 @@ Examples:
     python train.py --stage cfg --ckpt runs/demo/base.pt --out_dir runs/demo
     torchrun --nproc_per_node 2 train.py --stage base --out_dir runs/ddp      # DDP (gloo on CPU, nccl on GPU)
 Outputs under --out_dir: base.pt / cfg.pt checkpoints, lora/<attribute>=<value>.pt adapters,
-compose/<strategy>_<a>+<b>.pt composed adapters, samples_*.png grids, log.jsonl, config.json.
+compose/<strategy>_<a>+<b>.pt composed adapters, samples_*.png grids, log.jsonl, config_<stage>.json.
+Stages add to one folder; a stage refuses to replace an output file of its own (base.pt, an adapter, …) unless
+--overwrite (base/cfg: or --resume), and --stage all wants an empty folder (README "What the scripts refuse").
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from pathlib import Path
 
 import torch
 
-from nodule_diffusion import common, datasets, diffusion, evaluation, synthesis, training
+from nodule_diffusion import checks, common, datasets, diffusion, evaluation, synthesis, training
+from nodule_diffusion.common import DataError
 from nodule_diffusion.data import DEFAULT_VOCAB, NoduleCrops
 from nodule_diffusion.diffusion import DiffusionConfig, DiffusionModel
 from nodule_diffusion.evaluation import DetectConfig
@@ -90,31 +93,77 @@ class TrainConfig:
     compose_lr: float = 0.01  # merger learning rate: m starts at 1 and must move within a few dozen steps
     cfg_dropout: float = 0.1  # cfg stage: p of dropping each attribute to its null token [CFG §3.2]
     vocab: str = ""  # JSON file with the attribute vocabulary (default: texture, margin, calcification)
+    overwrite: bool = False  # replace this stage's existing output files (--stage all: use a non-empty folder)
 
 
 CONFIGS = (TrainConfig, LoopConfig, UNetConfig, DiffusionConfig, DetectConfig, DemoConfig)
+STAGES = {"base", "lora", "compose", "cfg", "all"}
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="JSON file of flag values (flags given on the command line win)")
     for cls in CONFIGS:
         common.add_dataclass_args(parser, cls)
     args = parser.parse_args(argv)
     file_cfg = common.read_config_file(args.config)
+    common.check_config_keys(args.config, file_cfg, *CONFIGS)
     train = common.config_from_args(TrainConfig, args, file_cfg)
     merged = {**(preset(train.preset) if train.preset else {}), **file_cfg}
-    return [common.config_from_args(cls, args, merged) for cls in CONFIGS]
+    configs = [common.config_from_args(cls, args, merged) for cls in CONFIGS]
+    for cfg in configs:
+        checks.check_ranges(cfg, {**checks.FLAG_RANGES, "stage": STAGES})
+    return configs
+
+
+def read_vocab(path: str) -> dict:
+    """The --vocab JSON file: attribute -> list of distinct value names (common.vocabulary), else DataError."""
+    try:
+        vocab = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DataError(f"--vocab {path}: cannot read the vocabulary JSON ({err})") from None
+    if (problem := common.vocabulary(vocab)) is not None:
+        raise DataError(f"--vocab {path}: the vocabulary {problem}")
+    return vocab
+
+
+def check_output_folder(train: TrainConfig) -> None:
+    """Before any work: --out_dir is a writable folder outside the input data; --stage all starts in an empty one.
+
+    Stages add to one folder (lora writes beside base.pt), so for single stages only their own output files count:
+    run_stage refuses to replace them unless --overwrite (base/cfg: or --resume).
+    """
+    out = Path(train.out_dir)
+    checks.check_output_dir(out, {"--data": datasets.parse_data_spec(train.data)[1]})
+    if train.stage == "all" and out.is_dir() and any(out.iterdir()) and not train.overwrite:
+        raise DataError(f"--out_dir {out}: not empty; --stage all writes a whole run, give a new folder or "
+                        f"--overwrite")
+    checks.check_writable_dir(out)
+    for sub in ("lora", "compose"):  # where the lora / compose stages write, checked before hours of training
+        if train.stage in (sub, "all") and (out / sub).exists():
+            checks.check_writable_dir(out / sub)
+
+
+def check_new_outputs(train: TrainConfig, paths: list[Path]) -> None:
+    """Refuse to replace an output file of this stage from an earlier run, unless --overwrite."""
+    existing = [str(p) for p in paths if p.exists()]
+    if existing and not train.overwrite:
+        again = " or --resume to continue it" if train.stage in ("base", "cfg") else ""
+        raise DataError(f"--out_dir {train.out_dir}: {', '.join(existing)} exists from an earlier run; give a new "
+                        f"--out_dir, --overwrite to replace it{again}")
 
 
 def main(argv=None) -> None:
     train, loop, unet_cfg, diffusion_cfg, detect, demo = parse_args(argv)
+    common.resolve_device(train.device)
+    if train.vocab:
+        read_vocab(train.vocab)
+    check_output_folder(train)
     out = Path(train.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     common.print_config(train, loop, unet_cfg, diffusion_cfg)
-    common.write_json(out / f"config_{train.stage}.json",
-                      {"train": train, "loop": loop, "unet": unet_cfg, "diffusion": diffusion_cfg})
     if train.stage == "all":
+        common.write_json(out / "config_all.json",
+                          {"train": train, "loop": loop, "unet": unet_cfg, "diffusion": diffusion_cfg})
         common.print_config(detect, demo)
         run_all(train, loop, unet_cfg, diffusion_cfg, detect, demo)
     else:
@@ -130,7 +179,7 @@ def run_stage(train: TrainConfig, loop: LoopConfig, unet_cfg: UNetConfig, diffus
     common.seed_everything(train.seed + rank)
     generator = torch.Generator().manual_seed(train.seed * 1000 + rank)  # data order and noise, resumable
     out = Path(train.out_dir)
-    vocab = json.loads(Path(train.vocab).read_text()) if train.vocab else DEFAULT_VOCAB
+    vocab = read_vocab(train.vocab) if train.vocab else DEFAULT_VOCAB
     if train.stage in ("lora", "compose", "cfg"):
         if not train.ckpt:
             raise common.DataError(f"--stage {train.stage} needs --ckpt (a base checkpoint from --stage base)")
@@ -140,28 +189,67 @@ def run_stage(train: TrainConfig, loop: LoopConfig, unet_cfg: UNetConfig, diffus
         model, payload = DiffusionModel(unet_cfg, vocab, diffusion_cfg).to(device), None
     else:
         raise common.DataError(f"--stage {train.stage!r}: choose base, lora, compose, cfg or all")
-    if train.stage == "lora" and train.attribute:  # validate before the (slow) data loading
-        diffusion.parse_attributes(train.attribute, vocab)
+    # Everything that can be refused is refused here, before the (slow) data loading and before any write.
+    resumed = None
+    if train.stage in ("base", "cfg"):
+        check_new_outputs(replace(train, overwrite=train.overwrite or train.resume), [out / f"{train.stage}.pt"])
+        if train.resume:
+            resumed = training.resume_state(out / f"{train.stage}.pt", model, device, loop, common.to_plain(train))
+    elif train.stage == "lora":
+        check_new_outputs(train, [out / "lora" / f"{name}.pt" for name in wanted_adapters(train, vocab)])
+    else:
+        names = diffusion.adapter_names(diffusion.parse_attributes(train.attributes, vocab))
+        check_new_outputs(train, [diffusion.composed_path(out, train.strategy, names)])
     records = datasets.load_records(train.data, out / "data", train.n_images, train.seed, vocab)
     crops = NoduleCrops(records, vocab, unet_cfg.crop_size, train.spacing_mm, augment=True, progress=rank == 0)
     print(f"{len(crops)} nodule crops of {unet_cfg.crop_size}px from {len(records)} images")
+    if rank == 0 and train.stage in ("base", "cfg") and resumed is None and train.overwrite:
+        forget_earlier_run(out, train.stage)
+    if rank == 0:
+        common.write_json(out / f"config_{train.stage}.json",
+                          {"train": train, "loop": loop, "unet": unet_cfg, "diffusion": model.diffusion})
     log = common.JsonlLogger(out / "log.jsonl", enabled=rank == 0)
     if train.stage in ("base", "cfg"):
-        return [train_full(train, loop, model, crops, device, generator, log, rank)]
+        return [train_full(train, loop, model, crops, device, generator, log, rank, resumed)]
     base_fp = payload["fingerprint"]
     if train.stage == "lora":
         return train_loras(train, loop, model, crops, device, generator, log, base_fp)
     return [train_composition(train, loop, model, crops, device, generator, log, base_fp)]
 
 
-def train_full(train, loop, model, crops, device, generator, log, rank) -> Path:
-    """Base or CFG stage; training.fit writes the periodic atomic checkpoints, sample grids and log lines."""
+def forget_earlier_run(out: Path, stage: str) -> None:
+    """--overwrite of a base/cfg run: drop the earlier run's sample grids and log lines of this stage, which would
+    otherwise sit beside the new run's (the demo report shows the highest-numbered grid)."""
+    for grid in out.glob(f"samples_{stage}_*.png"):
+        grid.unlink()
+    log = out / "log.jsonl"
+    if log.is_file():
+        kept = [line for line in log.read_text().splitlines(keepends=True)
+                if not line.strip() or json.loads(line).get("stage") != stage]
+        with common.atomic_path(log) as tmp:
+            tmp.write_text("".join(kept))
+
+
+def wanted_adapters(train: TrainConfig, vocab: dict) -> list[str]:
+    """The adapter names the lora stage trains: `--attribute a=v` (validated) or every value (`--all_attributes`)."""
+    if train.all_attributes:
+        return [f"{a}={v}" for a, values in vocab.items() for v in values]
+    if train.attribute:
+        names = diffusion.adapter_names(diffusion.parse_attributes(train.attribute, vocab))
+        if len(names) != 1:
+            raise DataError(f"--attribute {train.attribute}: one value (ATTR=VALUE); use --all_attributes for all")
+        return names
+    raise common.DataError("--stage lora needs --attribute ATTR=VALUE or --all_attributes")
+
+
+def train_full(train, loop, model, crops, device, generator, log, rank, resumed=None) -> Path:
+    """Base or CFG stage; training.fit writes the periodic atomic checkpoints, sample grids and log lines.
+    resumed: (model state, loop state) from training.resume_state, or None for a fresh run."""
     path = Path(train.out_dir) / f"{train.stage}.pt"
     state = None
-    if train.resume and path.is_file():
-        resumed, payload = diffusion.load_model(path, device, raw=True)
-        model.load_state_dict(resumed.state_dict())
-        state = payload["loop"]
+    if resumed is not None:
+        model.load_state_dict(resumed[0])
+        state = resumed[1]
         print(f"resuming {path} at step {state['step']}")
     files = RunFiles(log=log, stage=train.stage, checkpoint=path, kind=train.stage,
                      train_config={"train": train, "loop": loop}, grid_crops=crops)
@@ -173,14 +261,8 @@ def train_full(train, loop, model, crops, device, generator, log, rank) -> Path:
 
 def train_loras(train, loop, model, crops, device, generator, log, base_fp) -> list:
     """One adapter per requested attribute value (`--attribute a=v` or `--all_attributes`)."""
-    if train.all_attributes:
-        wanted = [f"{a}={v}" for a, values in model.vocab.items() for v in values]
-    elif train.attribute:
-        wanted = [train.attribute]
-    else:
-        raise common.DataError("--stage lora needs --attribute ATTR=VALUE or --all_attributes")
     paths = []
-    for k, name in enumerate(wanted):
+    for k, name in enumerate(wanted_adapters(train, model.vocab)):
         attribute, _, value = name.partition("=")
         if k:  # every adapter starts from the same frozen base and token init: a fresh model from the checkpoint
             model = diffusion.load_model(train.ckpt, device)[0]

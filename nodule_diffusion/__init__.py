@@ -6,7 +6,7 @@ diffusion, lora, compose → unet, schedulers → common; see README.md):
                 (schema, content hash), logging, tqdm
     checks      physical ranges and size limits of the input; request-row and flag checks
     data        DataError, image reading, annotation CSV/COCO, nodule masks, the crop dataset
-    formats     DICOM, MetaImage and JSRT readers, derived-DICOM writer
+    formats     DICOM, MetaImage and JSRT readers
     derived     write synthetic images back in their source's format, bit-identical outside the inserted regions
     phantom     procedural CXRs with attribute-labelled nodules (the embedded default dataset)
     datasets    JSRT / NODE21 / ChestX-ray14 / VinDr / CSV / COCO loaders behind one --data option, load_records

@@ -14,6 +14,11 @@ Ranges: what a chest radiograph allows.
     MAX_IMAGE_SIDE, MAX_IMAGE_PIXELS  16384 and 2^26 (8192²). The largest flat-panel CXR detectors are
                       43 cm at 0.1 mm ≈ 4300² = 18.5 M pixels; a bigger header is a decompression bomb or an
                       error, and is refused from its header, before any full-size array is allocated.
+    FLAG_RANGES       the allowed range of every script flag that has one (counts ≥ 1, rates > 0, η in [0, 1], …),
+                      checked by `check_ranges` right after the configs are built.
+
+Output folders (`check_output_dir`): a script never writes into the folder its input data come from (nor into a
+folder inside it), and finds out that its output folder is a file or not writable before any work starts.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from nodule_diffusion.common import DataError
+from nodule_diffusion.schedulers import BETA_SCHEDULES, PREDICTION_TYPES
 
 SPACING_RANGE_MM = (0.05, 5.0)  # mm per pixel (module docstring)
 MAX_DIAMETER_MM = 100.0
@@ -33,6 +39,31 @@ MIN_IMAGE_SIDE = 16
 MAX_IMAGE_SIDE = 16384
 MAX_IMAGE_PIXELS = 2 ** 26
 SPACING_HOW = "give it in the annotation CSV column spacing_mm (mm per pixel)"
+
+# The range of every script flag that has one, by field name (the same name means the same rule in every script):
+# (lo, hi) inclusive with None = unbounded, (lo, hi, "lo open") for a bound that is itself refused (> lo), or a
+# set of allowed values. Read by check_ranges; README "What the scripts refuse" lists them.
+AT_LEAST_1 = (1, None)
+POSITIVE = (0, None, "lo open")
+FLAG_RANGES = {
+    # counts and step numbers: a 0 would train or sample nothing and still print "wrote …"
+    **{name: AT_LEAST_1 for name in (
+        "steps", "batch_size", "log_every", "checkpoint_every", "n_images", "test_images", "per_image",
+        "lora_steps", "compose_steps", "synthetic_images", "det_steps", "det_batch_size", "seeds", "n_boot",
+        "judge_steps", "num_train_timesteps", "lora_rank")},
+    **{name: (0, None) for name in ("warmup", "weight_decay", "grad_clip", "sample_every", "low_data",
+                                    "lambda_orth", "lambda_attn", "lambda_zip", "min_snr_gamma", "guidance")},
+    **{name: POSITIVE for name in ("lr", "lora_lr", "compose_lr", "det_lr", "lora_alpha", "mask_weight")},
+    "seed": (0, 2 ** 32 - 1),  # numpy's default_rng refuses negative seeds; torch's generators take 64 bits
+    "ema_decay": (0, 1), "eta": (0, 1), "cfg_dropout": (0, 1),
+    "image_size": (32, MAX_IMAGE_SIDE),  # detector input side: the smallest FPN level must keep a few pixels
+    "crop_size": (MIN_IMAGE_SIDE, None),
+    "spacing_mm": SPACING_RANGE_MM,
+    "min_diameter_mm": POSITIVE, "max_diameter_mm": (0, MAX_DIAMETER_MM, "lo open"),
+    "sampler": {"ddim", "ddpm"},
+    "beta_schedule": set(BETA_SCHEDULES), "prediction_type": set(PREDICTION_TYPES),
+    "lora_init": {"kaiming", "orthogonal_bases"},
+}
 
 
 def _number(value, where: str, name: str) -> float:
@@ -101,8 +132,9 @@ def check_ranges(config, ranges: dict | None = None) -> None:
 
     The rule of field `name` is `ranges[name]`, else the field's metadata["range"], e.g.
     `batch_size: int = field(default=8, metadata={"range": (1, None)})`. A rule is (lo, hi) with None for
-    unbounded (numbers must also be finite), or a set of allowed values. Tuple fields are checked element
-    by element; None values (an unset optional field) are skipped.
+    unbounded (numbers must also be finite), (lo, hi, "lo open") when lo itself is refused, or a set of
+    allowed values. Tuple fields are checked element by element; None values (an unset optional field) are
+    skipped. The scripts pass `FLAG_RANGES`.
     """
     for f in dataclasses.fields(config):
         rule = (ranges or {}).get(f.name, f.metadata.get("range"))
@@ -114,10 +146,12 @@ def check_ranges(config, ranges: dict | None = None) -> None:
                 if item not in rule:
                     raise DataError(f"--{f.name} {item!r}: choose one of {', '.join(sorted(rule))}")
                 continue
-            lo, hi = rule
+            lo, hi, lo_open = (*rule, None)[:3]
             number = item if isinstance(item, (int, float)) and not isinstance(item, bool) else math.nan
-            if not math.isfinite(number) or (lo is not None and number < lo) or (hi is not None and number > hi):
-                bounds = " and ".join(b for b in (lo is not None and f"≥ {lo}", hi is not None and f"≤ {hi}") if b)
+            below = lo is not None and (number <= lo if lo_open else number < lo)
+            if not math.isfinite(number) or below or (hi is not None and number > hi):
+                low = lo is not None and (f"> {lo}" if lo_open else f"≥ {lo}")
+                bounds = " and ".join(b for b in (low, hi is not None and f"≤ {hi}") if b)
                 raise DataError(f"--{f.name} {item!r}: must be a finite number{' ' + bounds if bounds else ''}")
 
 
@@ -135,3 +169,19 @@ def check_writable_dir(path: str | Path, flag: str = "--out_dir") -> Path:
     except OSError as err:
         raise DataError(f"{flag} {path}: cannot write there ({err.strerror or err})") from None
     return path
+
+
+def check_output_dir(out_dir: str | Path, inputs: dict, flag: str = "--out_dir") -> Path:
+    """Refuse an output folder that is, or lies inside, a folder the input data come from: a script must never
+    write beside (or over) the user's images and annotations. `inputs`: {flag: input file or folder}, where a
+    file stands for its folder (a CSV's images are relative to it). Returns the resolved output folder."""
+    out = Path(out_dir).resolve()
+    for name, value in inputs.items():
+        if value is None:
+            continue
+        folder = Path(value).resolve()
+        folder = folder.parent if folder.is_file() or folder.suffix.lower() in (".csv", ".json") else folder
+        if out == folder or folder in out.parents:
+            raise DataError(f"{flag} {out_dir}: is {'the folder' if out == folder else 'inside the folder'} of "
+                            f"{name} ({folder}); write the outputs somewhere else")
+    return out

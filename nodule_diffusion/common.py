@@ -136,6 +136,14 @@ def field_comments(cls) -> dict[str, str]:
     return out
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the scripts' error contract: a bad flag (`--steps abc`, an unknown flag) raises DataError,
+    which run_cli prints as one line with exit code 2, instead of argparse's usage block and error line."""
+
+    def error(self, message: str):
+        raise DataError(f"{message} (see --help)")
+
+
 def add_dataclass_args(parser: argparse.ArgumentParser, cls, help_text: dict[str, str] | None = None) -> None:
     """Add one typed `--name` flag per field of the dataclass `cls` (default: None = keep the dataclass default).
 

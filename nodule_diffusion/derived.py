@@ -53,8 +53,8 @@ import numpy as np
 from . import formats
 from .common import DataError, atomic_path
 
-__all__ = ["write_derived", "derived_suffix", "linear_to_stored", "table_to_stored", "dicom_forward_table",
-           "mark_derived_dicom"]
+__all__ = ["write_derived", "can_write_back", "derived_suffix", "linear_to_stored", "table_to_stored",
+           "dicom_forward_table", "mark_derived_dicom"]
 
 _PNG_FULL_SCALE = {"L": 255, "I;16": 65535}  # PIL mode → the stored value that reads as 1.0 [data._read_pil]
 
@@ -73,6 +73,25 @@ def _source_kind(path: Path) -> str:
     raise DataError(f"{path}: no derived-image writer for {suffix or 'extension-less'} files; supported sources "
                     f"are DICOM, MetaImage (.mha/.mhd), JSRT (.IMG) and greyscale PNG (JPEG is lossy, so "
                     f"re-encoding it would change every pixel)")
+
+
+def can_write_back(source_path) -> bool:
+    """True when `write_derived` can keep this source's format losslessly: DICOM (1-16 bits stored), MetaImage,
+    JSRT, or an 8/16-bit greyscale PNG. JPEG, TIFF and colour images (read as luminance) cannot be written back."""
+    source_path = Path(source_path)
+    try:
+        kind = _source_kind(source_path)
+    except DataError:
+        return False
+    if kind == "dicom":
+        header = formats.read_dicom_dataset(source_path, stop_before_pixels=True)
+        return 1 <= int(header.get("BitsStored") or 0) <= 16 and int(header.get("BitsAllocated") or 0) in (8, 16, 32)
+    if kind == "png":
+        from PIL import Image
+
+        with Image.open(source_path) as pil:  # the header only; read_image has already read the file
+            return pil.mode in _PNG_FULL_SCALE
+    return True
 
 
 def derived_suffix(source_path) -> str:

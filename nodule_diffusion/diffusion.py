@@ -184,7 +184,11 @@ def load_model(path: str | Path, device: torch.device, raw: bool = False) -> tup
     payload = load_checkpoint(path)
     if payload.get("kind") not in ("base", "cfg"):
         raise DataError(f"{path}: not a diffusion model checkpoint (kind {payload.get('kind')!r})")
-    model = DiffusionModel(UNetConfig.from_dict(payload["unet_config"]), payload["vocab"],
+    known = set(DiffusionConfig.__dataclass_fields__)
+    if unknown := sorted(set(payload["diffusion_config"]) - known):  # written by newer code, or edited
+        raise DataError(f"{path}: diffusion_config has unknown key(s) {', '.join(unknown)}; known: "
+                        f"{', '.join(sorted(known))}")
+    model = DiffusionModel(UNetConfig.from_dict(payload["unet_config"], source=str(path)), payload["vocab"],
                            DiffusionConfig(**payload["diffusion_config"]))
     try:
         model.load_state_dict(payload["model" if raw else "weights"])

@@ -4,8 +4,8 @@ Implements, one file at a time (`data.read_image` dispatches here by content sig
     is_dicom, is_metaimage          cheap content sniffing (DICOM "DICM" at byte 128; MetaImage `Key = Value`)
     read_dicom_dataset, read_dicom  pydicom 3: stored → modality LUT → first VOI LUT/window → MONOCHROME1
                                     inversion → min-max [0, 1] [DICOM PS3.4 N.2]; steps 2-3 and 4-5 are
-                                    dicom_voi_values / dicom_scale01, which derived.py inverts
-    write_derived_dicom             one derived DICOM per synthetic image [DICOM PS3.3 C.7.6.1.1]
+                                    dicom_voi_values / dicom_scale01, which derived.py inverts (derived
+                                    images of every format are written by derived.py)
     read_metaimage(_image), read_volume, write_metaimage   numpy + zlib MetaImage: LOCAL (.mha) or raw file
                                     (.mhd), raw or zlib CompressedData, both byte orders [MetaIO]
     read_jsrt                       JSRT 2048×2048 big-endian 12-bit raw, 0.175 mm [JSRT]
@@ -228,60 +228,6 @@ def dicom_scale01(path, values: np.ndarray, photometric: str, lo: float, hi: flo
         return np.zeros(values.shape, np.float32)
     dense = hi - values if photometric.strip() == "MONOCHROME1" else values - lo  # step 4: dense = bright
     return (dense / (hi - lo)).astype(np.float32)  # step 5
-
-
-def _reset_pixel_tags(ds) -> None:
-    """Remove what described the source's pixel values (LUTs, window, padding, extrema) in place."""
-    for keyword in ("ModalityLUTSequence", "RescaleType", "VOILUTSequence", "WindowCenter", "WindowWidth",
-                    "WindowCenterWidthExplanation", "VOILUTFunction", "PixelPaddingValue",
-                    "PixelPaddingRangeLimit", "SmallestImagePixelValue", "LargestImagePixelValue",
-                    "FloatPixelData", "DoubleFloatPixelData", "NumberOfFrames", "PaletteColorLookupTableUID"):
-        if keyword in ds:
-            del ds[keyword]
-    if "RescaleSlope" in ds or "RescaleIntercept" in ds:  # CT-like IODs require them: make them identity
-        ds.RescaleSlope, ds.RescaleIntercept = 1, 0
-    if "PresentationLUTShape" in ds:
-        ds.PresentationLUTShape = "IDENTITY"  # DX Image module: IDENTITY goes with MONOCHROME2 [DICOM C.8.11.3]
-    if "PixelIntensityRelationshipSign" in ds:
-        ds.PixelIntensityRelationshipSign = -1  # −1: higher values = less X-ray intensity (denser) [C.8.11.3]
-
-
-def write_derived_dicom(path, source_path, image01: np.ndarray, description: str, bits: int = 12) -> Path:
-    """Write `image01` as a derived DICOM of `source_path` (patient, study, geometry kept) → the written path.
-
-    image01: float (H, W) in [0, 1], dense = bright, same size as the source (so its pixel spacing still holds).
-    Stored as MONOCHROME2 uint16 with `bits` bits (quantisation step 1/(2^bits − 1)); modality LUT and VOI are
-    removed, so `read_dicom` (min-max per image) returns `image01` up to quantisation whenever image01 spans
-    [0, 1], as every image read by `read_dicom` does. ValueError for a wrong shape or range. Tags follow PS3.3 C.7.6.1.1.2 (ImageType),
-    C.7.6.1.1.3 (DerivationDescription), C.7.6.1.1.4 (SourceImageSequence), C.7.6.1.1.5 (LossyImageCompression).
-    Superseded by `derived.write_derived`, which keeps the source's stored values (issue 11); remove once the
-    sample path calls that.
-    """
-    import pydicom
-    from pydicom.uid import ExplicitVRLittleEndian
-
-    from .derived import mark_derived_dicom  # derived.py imports this module
-
-    path = Path(path)
-    ds = read_dicom_dataset(source_path)  # modified in place below: it becomes the derived dataset
-    image01 = np.asarray(image01, dtype=np.float64)
-    if image01.shape != (ds.get("Rows"), ds.get("Columns")):
-        raise ValueError(f"image shape {image01.shape} differs from source {source_path} "
-                         f"({ds.get('Rows')}, {ds.get('Columns')}); pixel spacing would be wrong")
-    if not (np.isfinite(image01).all() and 0 <= image01.min() and image01.max() <= 1 and 1 <= bits <= 16):
-        raise ValueError(f"image01 must be finite and in [0, 1], bits in 1..16 (got {bits})")
-    _reset_pixel_tags(ds)
-    # Native little endian: set_pixel_data refuses big-endian datasets and we never re-compress.
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    stored = np.round(image01 * (2 ** bits - 1)).astype(np.uint16)  # (H, W)
-    ds.set_pixel_data(stored, "MONOCHROME2", bits, generate_instance_uid=False)
-
-    mark_derived_dicom(ds, description)
-    for _ in ds.iterall():
-        pass  # decode every still-raw element now, so a big-endian source is re-encoded as little endian
-    with atomic_path(path) as tmp:  # temp file + rename: readers never see a half-written file
-        pydicom.dcmwrite(tmp, ds, enforce_file_format=True)  # save_as refuses big → little endian
-    return path
 
 
 # ---------------------------------------- MetaImage (.mha / .mhd + raw)

@@ -7,7 +7,8 @@ Reading order (one call chain, sample.py → synthesize):
     paste             feathered paste-back: pixels outside the nodule region are bit-identical to the input
     insert_nodules    crop → generate → paste for every request of one image, at any pixel spacing
     random_requests   nodules drawn inside the lung fields (sizes and attribute mix configurable)
-    synthesize        every image of a set: insert, write images, annotations.csv, COCO JSON, contact sheet
+    synthesize        every image of a set: insert, write images (derived.write_derived: the source's format, its
+                      stored values kept outside the nodules), annotations.csv, COCO JSON, contact sheet
     sample_grid / lora_grid   mask | real | generated grids written during and after training
 
 Reproducibility (design §3): every output's noise comes from its own CPU generator seeded by (seed, index), and
@@ -16,6 +17,7 @@ the noise of every DDIM/DDPM step is drawn from it, so a result does not depend 
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -24,7 +26,7 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from nodule_diffusion import compose, formats
+from nodule_diffusion import compose, derived
 from nodule_diffusion.common import atomic_path, progress_options, save_image_png
 from nodule_diffusion.data import (REGION_REACH, DataError, ImageRecord, Nodule, NoduleCrops, crop_at, dilate,
                                    nodule_region, read_image, write_annotations, write_coco)
@@ -263,12 +265,18 @@ def contact_sheet(crops: list[np.ndarray], labels: list[str], path, columns: int
 # ----------------------------------------------------------------------------------------------- synthetic sets
 def synthesize(records: list[ImageRecord], generate, out_dir: Path, vocab: dict, spacing_mm: float,
                crop_size: int, attributes: dict, per_image: int, diameter_mm: tuple[float, float], seed: int,
-               requests: dict | None = None, dicom_out: bool = True) -> list[ImageRecord]:
+               requests: dict | None = None, derived_out: bool = True,
+               final_dir: Path | None = None) -> list[ImageRecord]:
     """Insert nodules into every record's image; write images, annotations.csv, annotations.json, contact sheet.
 
     requests: optional {image path: [Request, ...]} (from a requests CSV); else `per_image` random requests in
     the lung field. Output records keep the source nodules (extra synthetic=0) and add the inserted ones
-    (synthetic=1, with seed and index). DICOM inputs give derived DICOMs, everything else 16-bit PNG.
+    (synthetic=1, with seed and index). Images whose format can be written back losslessly (DICOM, 8/16-bit
+    greyscale PNG, MetaImage, JSRT; derived.can_write_back) give a derived file of that format, identical to the
+    source outside the inserted regions; JPEG, TIFF and colour sources (or derived_out=False) give 16-bit PNG.
+    Output names `<stem>_<8 hex of the source path>_syn<seed>` stay apart when two sources share a file name.
+    final_dir: where out_dir will be renamed to (sample.py writes into a temporary folder); source paths under
+    out_dir are recorded as under final_dir.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     out_records, sizes, crops, labels, index = [], [], [], [], 0
@@ -285,9 +293,13 @@ def synthesize(records: list[ImageRecord], generate, out_dir: Path, vocab: dict,
             todo = random_requests(image, per_image, spacing, rng, requested, attributes, diameter_mm, seed, index)
         index += len(todo)
         new_image, masks = insert_nodules(image, todo, generate, crop_size, scale)
-        stem = f"{Path(rec.image).stem}_syn{seed}"
-        is_dicom = rec.image.suffix.lower() in (".dcm", ".dicom") or formats.is_dicom(rec.image)
-        target = out_dir / "images" / (stem + (".dcm" if is_dicom and dicom_out else ".png"))
+        source = Path(rec.image)
+        if final_dir is not None and Path(out_dir).resolve() in source.resolve().parents:
+            source = Path(final_dir).resolve() / source.resolve().relative_to(Path(out_dir).resolve())
+        tag = hashlib.sha256(f"{source}|{rec.frame}".encode()).hexdigest()[:8]  # same name, other folder or frame
+        stem = f"{source.stem}_{tag}_syn{seed}"
+        write_back = derived_out and derived.can_write_back(rec.image)
+        target = out_dir / "images" / (stem + (derived.derived_suffix(rec.image) if write_back else ".png"))
         nodules = [replace(n, extra={**n.extra, "synthetic": "0"}) for n in rec.nodules]
         for req, mask in zip(todo, masks):
             ys, xs = np.nonzero(mask)
@@ -297,17 +309,19 @@ def synthesize(records: list[ImageRecord], generate, out_dir: Path, vocab: dict,
             nodules.append(Nodule(box=box, attributes=dict(req.attributes), mask=mask_path,
                                   diameter_mm=None if req.diameter_px is None else req.diameter_px * spacing,
                                   extra={"synthetic": "1", "seed": str(req.seed), "index": str(req.index),
-                                         "source": str(rec.image)}))
+                                         "source": str(source)}))
             patch = image_crop(new_image, box)
             crops.append(patch)
             labels.append(",".join(v[:5] for v in req.attributes.values()) or "nodule")
-        if is_dicom and dicom_out:
+        if write_back:  # the source's stored values outside the nodules, bit for bit, at native resolution
             desc = "; ".join(f"nodule {n.extra.get('index')} {n.attributes} box {[round(v) for v in n.box]}"
                              for n in nodules if n.extra.get("synthetic") == "1")
-            formats.write_derived_dicom(target, rec.image, new_image, f"nodule_diffusion synthetic: {desc}")
+            derived.write_derived(rec.image, image, new_image, new_image != image, target, frame=rec.frame,
+                                  description=f"nodule_diffusion synthetic: {desc}")
         else:
             save_image_png(target, new_image)
-        out_records.append(ImageRecord(image=target, nodules=nodules, spacing_mm=spacing))
+        out_records.append(ImageRecord(image=target, nodules=nodules, spacing_mm=spacing,
+                                       frame=rec.frame if write_back else None))
         sizes.append(new_image.shape)
     write_annotations(out_dir / "annotations.csv", out_records, vocab)
     write_coco(out_dir / "annotations.json", out_records, sizes)

@@ -9,6 +9,7 @@ Papers: [DDPM] arXiv:2006.11239, [IDDPM] arXiv:2102.09672, [CFG] arXiv:2207.1259
     train_base      base stage (generic token, attributes null) or the CFG baseline (attribute dropout) [CFG §3.2]
     train_lora      one LoRA per attribute value on the nodules carrying it, base frozen          [LoRA]
     train_compose   composition training of loaded adapters: compose.composition_objective    [OURS Eq. 1–3]
+    resume_state    what --resume continues from, refused when the run's settings differ from the checkpoint's
     save_composed   the composed adapter file (mergers folded) and its per-adapter parts
 """
 
@@ -25,8 +26,8 @@ from tqdm import tqdm
 from nodule_diffusion import compose, lora, synthesis
 from nodule_diffusion.common import DataError, JsonlLogger, autocast, progress_options, to_plain, unwrap
 from nodule_diffusion.data import NoduleCrops
-from nodule_diffusion.diffusion import (LORA_TARGETS, DiffusionModel, denoising_loss, only, save_lora, save_model,
-                                        subset_of)
+from nodule_diffusion.diffusion import (LORA_TARGETS, DiffusionModel, denoising_loss, load_model, only, save_lora,
+                                        save_model, subset_of)
 
 
 # ----------------------------------------------------------------------------------------------- the loop
@@ -154,6 +155,36 @@ def write_run_files(files: RunFiles, model: DiffusionModel, loop: dict, cfg: Loo
             sampler.load_state_dict(loop["ema"].shadow)
         grid = files.checkpoint.parent / f"samples_{files.stage}_{step:06d}.png"
         synthesis.sample_grid(sampler.eval(), files.grid_crops, grid)
+
+
+# Settings a resumed run must share with its checkpoint (besides the UNet and diffusion configs and the vocabulary);
+# --steps and the logging intervals may change. Another value would silently continue a different run.
+RESUME_KEYS = {"loop": ("batch_size", "lr", "warmup", "weight_decay", "grad_clip", "ema_decay"),
+               "train": ("data", "n_images", "seed", "spacing_mm", "cfg_dropout")}
+
+
+def resume_state(path: Path, model: DiffusionModel, device, loop: LoopConfig, train: dict):
+    """(model state, loop state) of checkpoint `path` for `fit`, when its settings match this run's (`model`, `loop`
+    and the plain train config `train`), else DataError naming the keys that differ; None when there is no
+    checkpoint yet (a run killed before its first checkpoint starts afresh)."""
+    if not Path(path).is_file():
+        print(f"--resume: no {path} yet, starting at step 0")
+        return None
+    resumed, payload = load_model(path, device, raw=True)
+    stored = to_plain({**payload["unet_config"], **payload["diffusion_config"], "vocab": payload["vocab"], **{
+        k: v for group, keys in RESUME_KEYS.items() for k, v in payload["train_config"].get(group, {}).items()
+        if k in keys}})  # tuples → lists, as in `now`
+    now = to_plain({**model.unet_config.to_dict(), **vars(model.diffusion), "vocab": model.vocab,
+                    **{k: train[k] for k in RESUME_KEYS["train"]},
+                    **{k: getattr(loop, k) for k in RESUME_KEYS["loop"]}})
+    differ = [f"{k} {v!r} → {now[k]!r}" for k, v in stored.items() if k in now and v != now[k]]
+    if differ:
+        raise DataError(f"--resume {path}: this run's settings differ from the checkpoint's: {'; '.join(differ)}; "
+                        f"use the checkpoint's values or a new --out_dir")
+    if payload["loop"]["step"] >= loop.steps:
+        raise DataError(f"--steps {loop.steps}: {path} is already at step {payload['loop']['step']}; give more "
+                        f"--steps to continue it")
+    return resumed.state_dict(), payload["loop"]
 
 
 def random_batch(dataset, batch_size: int, generator: torch.Generator, device: torch.device,

@@ -67,7 +67,8 @@ def bad_input_files(tmp_path_factory, tiny_base, disk_crops, disk_csv) -> dict[s
 
     # An annotation CSV whose third row has x1 < x0 (image paths absolute, so the CSV may live anywhere).
     image = read_annotations(disk_csv)[0].image
-    (root / "bad.csv").write_text("image,x0,y0,x1,y1,texture\n"
+    (root / "csv").mkdir()  # not the outputs' parent: an --out_dir inside the data folder is refused
+    (root / "csv" / "bad.csv").write_text("image,x0,y0,x1,y1,texture\n"
                                   f"{image},10,10,20,20,solid\n"
                                   f"{image},30,10,25,20,solid\n")
     return {"root": root, "base_a": tiny_base, "base_b": root / "base_b" / "base.pt", "csv": disk_csv}
@@ -90,7 +91,7 @@ def bad_input_cases(f: dict[str, Path]) -> dict[str, tuple[list, list[str]]]:
                                   "--strategy", "lora", "--attributes", "texture=solid", "--images",
                                   f"csv:{f['csv']}", *cpu_flags(root / "o5")],
                                  ["texture=solid.pt", "another base"]),
-        "malformed annotation csv": (["train.py", "--data", f"csv:{root / 'bad.csv'}", *tiny_base_flags,
+        "malformed annotation csv": (["train.py", "--data", f"csv:{root / 'csv' / 'bad.csv'}", *tiny_base_flags,
                                       *cpu_flags(root / "o6")], ["bad.csv", "row 3", "degenerate box"]),
     }
 
