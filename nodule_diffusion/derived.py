@@ -50,8 +50,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import formats
-from .common import DataError, atomic_path
+from nodule_diffusion import formats
+from nodule_diffusion.common import DataError, atomic_path
+from nodule_diffusion.data import read_image
 
 __all__ = ["write_derived", "can_write_back", "derived_suffix", "linear_to_stored", "table_to_stored",
            "dicom_forward_table", "mark_derived_dicom"]
@@ -123,7 +124,6 @@ def write_derived(source_path, original: np.ndarray, edited: np.ndarray, changed
                          f"{source_path.suffix!r}, which is how read_image recognises its format")
     if out_path.resolve() == source_path.resolve():
         raise ValueError(f"{out_path}: refusing to overwrite the source image")
-    from .data import read_image  # data imports formats; import here as data.read_image does
 
     source_image = read_image(source_path, frame)  # the reader whose mapping we invert, at native resolution
     original, edited = np.asarray(original, np.float64), np.asarray(edited, np.float64)
