@@ -32,8 +32,8 @@ from nodule_diffusion.unet import AttributeTokens, UNet, UNetConfig
 
 # Attention projections [LoRA §4.2; diffusers SD LoRA] plus the transformer blocks' proj_in / proj_out and
 # feed-forward (fc1, fc2), as LoRA trainers for SD do with "all linear layers". DEVIATION from attention-only
-# (issue 10): at 100 CPU steps the attention-only adapter left a ground-glass request at judge accuracy 0.22, the
-# wider one reached 0.47 (benchmarks/RESULTS.md, "LoRA reach").
+# (issue 10): at 100 CPU steps judge accuracy rose from 0.19 to 0.25 (ground glass) and 0.41 to 0.53 (calcified)
+# (benchmarks/controllability_sweep.py; benchmarks/RESULTS.md, "LoRA reach").
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out", "proj_in", "proj_out", "fc1", "fc2")
 
 
@@ -43,7 +43,7 @@ class DiffusionConfig:
     num_train_timesteps: int = 1000  # T, the length of the forward chain [DDPM §4]
     beta_schedule: str = "cosine"  # cosine keeps small 32-px crops from being pure noise too early [IDDPM §3.2]
     # v [VPRED §4]: at the demo budget (400 steps) ε-prediction sampled speckle (mean |Laplacian| in the region
-    # 0.38 vs 0.11 on real crops), v-prediction with Min-SNR-5 gave 0.10 (benchmarks/RESULTS.md, "Base model").
+    # 0.36 vs 0.14 on real crops), v-prediction with Min-SNR-5 gave 0.09 (benchmarks/RESULTS.md, "Base model").
     prediction_type: str = "v_prediction"  # what the UNet predicts: v_prediction | epsilon | sample (x0)
     min_snr_gamma: float = 5.0  # Min-SNR-γ weight per timestep [MINSNR Eq. 8]; 0 = uniform over t
     mask_weight: float = 5.0  # loss weight inside the nodule region relative to outside (1.0 = plain MSE)
