@@ -74,9 +74,9 @@ def resolve_device(name: str = "auto") -> torch.device:
 def cpu_has_fast_bf16() -> bool:
     """True when the CPU has bf16 matrix units (AMX-BF16 or AVX-512 BF16, read from /proc/cpuinfo on Linux).
 
-    Measured (benchmarks/bench_unet.py --bf16): on an AVX2-only AMD EPYC a UNet training step under CPU bf16
-    autocast is ~15× SLOWER than fp32 (bf16 is emulated); issue 10 reports 1.25–1.68× faster on a CPU with AMX
-    and AVX-512 BF16. So bf16 is used on the CPU only where these units exist.
+    Measured (benchmarks/bench_bf16.py): on an AVX2-only AMD EPYC a UNet training step under CPU bf16 autocast
+    ran at 0.12× the speed of fp32; issue 10 reports 1.25–1.68× faster on a CPU with AMX and AVX-512 BF16. So
+    bf16 is used on the CPU only where these units exist.
     """
     try:
         with open("/proc/cpuinfo") as f:
