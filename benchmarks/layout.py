@@ -13,7 +13,7 @@ Traced part (--paths): a tiny base model is trained first (phantom data, tiny UN
 command runs in-process under `sys.setprofile`, which records every Python function call. A package file is
 "opened" when one of its functions is called during the command (module-level code at import time is not a
 call into it). The count is given twice: every package file, and without the data/infrastructure layer that every
-path reads through (common, data, formats, datasets, phantom). A call whose caller is a package file and whose
+path reads through (common, checks, data, formats, derived, datasets, phantom). A call whose caller is a package file and whose
 callee is a script is a call back up into the script and is listed.
 """
 
@@ -30,7 +30,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "nodule_diffusion"
 SCRIPTS = ("train.py", "sample.py", "eval_detect.py")
-FOUNDATION = ("common", "data", "formats", "datasets", "phantom")
+# The data/infrastructure layer every path reads and writes through: plumbing, readers, input checks (checks,
+# added with issue 11's validation) and the format writers (derived, issue 11's derived files, formats' twin).
+FOUNDATION = ("common", "checks", "data", "formats", "derived", "datasets", "phantom")
 
 
 def source_files() -> dict[str, Path]:
