@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -333,6 +334,7 @@ def run_all(train, loop, unet_cfg, diffusion_cfg, detect, demo: DemoConfig) -> d
     device = common.resolve_device(train.device)
     generate, model = synthesis.build_generator(str(base), "ortho", attributes, out / "lora", device, steps=25)
     pool = datasets.load_records("phantom", out / "data", demo.synthetic_images, train.seed + 1, model.vocab)
+    shutil.rmtree(out / "synthetic", ignore_errors=True)  # --overwrite: an earlier run's set must not mix in
     synthetic = synthesis.synthesize(pool, generate, out / "synthetic", model.vocab, train.spacing_mm,
                                      unet_cfg.crop_size, attributes, 1, (8.0, 20.0), train.seed)
     print("== 6/6 detectors: real only vs real + synthetic")
