@@ -28,7 +28,7 @@ from nodule_diffusion.data import DEFAULT_VOCAB, NoduleCrops  # noqa: E402
 from nodule_diffusion.diffusion import DiffusionConfig, DiffusionModel  # noqa: E402
 from nodule_diffusion.evaluation import JudgeSettings, train_attribute_judge  # noqa: E402
 from nodule_diffusion.judge import attribute_accuracy  # noqa: E402
-from nodule_diffusion.synthesis import generate_crops, generate_for, triplet_grid  # noqa: E402
+from nodule_diffusion.synthesis import generate_for, triplet_grid  # noqa: E402
 from nodule_diffusion.training import LoopConfig  # noqa: E402
 from nodule_diffusion.unet import UNetConfig  # noqa: E402
 
@@ -52,12 +52,8 @@ def laplacian_in(x: torch.Tensor, region: torch.Tensor) -> float:
 
 def sample_crops(model, crops, idx, attrs, sampler: str, steps: int, eta: float):
     """Generated crops as insertion keeps them (model pixels in the region, real context outside)."""
-    batch = crops.get(torch.as_tensor(idx))
-    scheduler = model.diffusion.scheduler(sampler)
-    scheduler.set_timesteps(steps)
-    m, c = batch["mask"], batch["context"]
-    x0 = generate_crops(lambda xt, t, k: model(xt, t, m, c, attrs), scheduler, m, c, [0] * len(idx), list(idx), eta)
-    return batch, c + batch["region"] * x0
+    batch, x0 = generate_for(model, crops, idx, attrs, steps, 0, sampler, eta)
+    return batch, batch["context"] + batch["region"] * x0
 
 
 def base_phase(args, crops, test, out: Path) -> dict:

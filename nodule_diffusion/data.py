@@ -504,6 +504,13 @@ def dilate(mask: torch.Tensor, pixels: int) -> torch.Tensor:
     return torch.nn.functional.max_pool2d(mask.float(), 2 * pixels + 1, stride=1, padding=pixels)
 
 
+def surround_ring(mask: np.ndarray, inner: int = 1, outer: int = 3) -> np.ndarray:
+    """Bool (H, W) ring of the pixels `inner` < d ≤ `outer` px (square distance) outside a (H, W) mask: the
+    surround a nodule's density is compared with (synthesis.no_darker_than_surround, evaluation.density_check)."""
+    m = torch.from_numpy(np.asarray(mask, dtype=np.float32))[None, None]  # (1, 1, H, W)
+    return ((dilate(m, outer) - dilate(m, inner))[0, 0] > 0.5).numpy()
+
+
 # How far beyond the body the regenerated region reaches, in units of the nodule's equivalent radius R = √(area/π):
 # margins draw there (spicules, a blurred border; the phantom's signatures reach ≤ phantom.REACH = 0.96·R).
 REGION_REACH = 1.0

@@ -31,7 +31,7 @@ from PIL import Image, ImageDraw
 
 from nodule_diffusion import compose, datasets, lora, metrics
 from nodule_diffusion.common import atomic_path, seed_everything, write_json
-from nodule_diffusion.data import DataError, NoduleCrops, crop_at, dilate, load_record, read_image
+from nodule_diffusion.data import DataError, NoduleCrops, crop_at, load_record, read_image, surround_ring
 from nodule_diffusion.detector import DetectorConfig, FasterRCNN, predict_all, train_detector
 from nodule_diffusion.diffusion import (adapter_names, attr_tensor, composed_path, load_lora, load_model,
                                         parse_attributes)
@@ -255,9 +255,8 @@ def density_check(synthetic) -> dict:
     for record in _only_synthetic(synthetic):
         image = read_image(record.image)
         for nodule in record.nodules:
-            mask = torch.from_numpy((read_image(nodule.mask) > 0).astype(np.float32))[None, None]  # (1, 1, H, W)
-            near, far = (dilate(mask, p)[0, 0].numpy() > 0.5 for p in (1, 3))
-            differences.append(float(image[mask[0, 0].numpy() > 0.5].mean() - image[far & ~near].mean()))
+            mask = read_image(nodule.mask) > 0
+            differences.append(float(image[mask].mean() - image[surround_ring(mask)].mean()))
     return {"n_inserted": len(differences), "n_darker_than_ring": int(sum(d < 0 for d in differences)),
             "min_inside_minus_ring": min(differences, default=float("nan"))}
 

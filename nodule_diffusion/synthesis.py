@@ -28,8 +28,8 @@ from tqdm import tqdm
 
 from nodule_diffusion import compose, derived
 from nodule_diffusion.common import atomic_path, progress_options, save_image_png
-from nodule_diffusion.data import (REGION_REACH, DataError, ImageRecord, Nodule, NoduleCrops, crop_at, dilate,
-                                   nodule_region, read_image, write_annotations, write_coco)
+from nodule_diffusion.data import (REGION_REACH, DataError, ImageRecord, Nodule, NoduleCrops, crop_at, nodule_region,
+                                   read_image, surround_ring, write_annotations, write_coco)
 from nodule_diffusion.diffusion import attr_tensor, load_model
 from nodule_diffusion.schedulers import DDIMScheduler, sample_loop
 
@@ -152,9 +152,7 @@ def no_darker_than_surround(crop: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """A nodule adds attenuation, so it is never less dense than the lung around it (design §4): when the mean
     of `crop` (S, S) inside the mask is below the mean of the ring 1–3 px outside it, the mask is lifted by the
     difference. [OURS] a faint (ground-glass) nodule on a background darker than its surround needs this."""
-    m = torch.from_numpy(mask.astype(np.float32))[None, None]  # (1, 1, S, S)
-    ring = ((dilate(m, 3) - dilate(m, 1))[0, 0] > 0.5).numpy()
-    inside = mask > 0.5
+    ring, inside = surround_ring(mask > 0.5), mask > 0.5
     if not ring.any() or not inside.any():
         return crop
     deficit = float(crop[ring].mean() - crop[inside].mean())
@@ -335,16 +333,16 @@ def image_crop(image: np.ndarray, box, size: int = 40) -> np.ndarray:
 
 # ----------------------------------------------------------------------------------------------- grids
 @torch.no_grad()
-def generate_for(model, crops, indices, attrs, steps=25, seed=0):
+def generate_for(model, crops, indices, attrs, steps=25, seed=0, sampler="ddim", eta=0.0):
     """Generate crops for dataset items `indices` (their masks and contexts) with the given attribute rows."""
     batch = crops.get(torch.as_tensor(indices))
     device = next(model.parameters()).device
-    scheduler = model.diffusion.scheduler("ddim")
+    scheduler = model.diffusion.scheduler(sampler)
     scheduler.set_timesteps(steps)
     mask, context = batch["mask"].to(device), batch["context"].to(device)
     attrs = attrs.to(device)
     x0 = generate_crops(lambda xt, t, k: model(xt, t, mask, context, attrs), scheduler, mask, context,
-                        [seed] * len(indices), list(indices))
+                        [seed] * len(indices), list(indices), eta)
     return batch, x0.cpu()
 
 
