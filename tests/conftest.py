@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from nodule_diffusion import common, diffusion, training
 from nodule_diffusion.data import DEFAULT_VOCAB, ImageRecord, Nodule, NoduleCrops, read_annotations, write_annotations
@@ -125,3 +127,27 @@ def disk_crops(disk_records) -> NoduleCrops:
 def tiny_base(tmp_path_factory, disk_crops) -> Path:
     """A tiny base checkpoint trained for 4 steps with seed 0 (kind 'base', EMA weights, fingerprint)."""
     return train_tiny_base(tmp_path_factory.mktemp("base") / "base.pt", disk_crops, seed=0)
+
+
+DX_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
+
+
+def make_dicom(path, pixels, photometric="MONOCHROME2", bits=12, **tags):
+    """A small DX file: `pixels` (H, W) uint16 stored values (or (F, H, W) / (H, W, 3) for the error cases)."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = DX_SOP_CLASS
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.PatientID, ds.PatientName, ds.Modality, ds.SeriesNumber = "P001", "Test^Patient", "DX", 3
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "POST_PROCESSED"]
+    if pixels is not None:
+        ds.set_pixel_data(pixels, photometric, bits, generate_instance_uid=False)
+    else:
+        ds.PhotometricInterpretation, ds.Rows, ds.Columns = photometric, 4, 4
+    for key, value in tags.items():
+        setattr(ds, key, value)
+    ds.save_as(path, enforce_file_format=True)
+    return path

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import oracle
+from conftest import make_dicom, oracle
 from nodule_diffusion import data, datasets, formats
 from nodule_diffusion.data import DataError
 
@@ -174,18 +174,9 @@ def test_nih_malformed(tmp_path, row, match):
 # --------------------------------------------------------------------------------------------- VinDr-CXR
 def write_dicom(path, rows=64, cols=80):
     pydicom = oracle("pydicom", reason="pydicom is needed to build DICOM fixtures")
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds.Modality, ds.PixelSpacing = "DX", [0.168, 0.168]
-    ds.set_pixel_data(np.arange(rows * cols, dtype=np.uint16).reshape(rows, cols) % 4096, "MONOCHROME1", 12)
     path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
+    make_dicom(path, np.arange(rows * cols, dtype=np.uint16).reshape(rows, cols) % 4096, "MONOCHROME1", 12,
+               PixelSpacing=[0.168, 0.168])
     assert pydicom.dcmread(path).Rows == rows
 
 

@@ -25,10 +25,10 @@ from nodule_diffusion import derived, formats
 from nodule_diffusion.data import DataError, read_image
 
 pydicom = pytest.importorskip("pydicom", reason="pydicom is needed to build DICOM fixtures")
-from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid  # noqa: E402
+from pydicom.dataset import Dataset  # noqa: E402
+from pydicom.uid import ExplicitVRLittleEndian  # noqa: E402
 
-DX_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
+import conftest  # noqa: E402  (make_dicom, shared with test_formats.py)
 PIXEL_TAGS = ("PhotometricInterpretation", "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation",
               "RescaleSlope", "RescaleIntercept", "WindowCenter", "WindowWidth", "VOILUTFunction", "PixelSpacing",
               "ImagerPixelSpacing", "Rows", "Columns", "NumberOfFrames", "PatientID", "StudyInstanceUID")
@@ -69,21 +69,9 @@ def no_temp_files(folder: Path) -> bool:
 
 # --------------------------------------------------------------------------------------------- DICOM
 def make_dicom(path, stored, photometric="MONOCHROME2", bits=12, **tags):
-    """A small DX file with stored values `stored` (H, W) (uint16, or int16 for signed data)."""
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = DX_SOP_CLASS
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPInstanceUID = generate_uid()
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    ds.PatientID, ds.PatientName, ds.Modality, ds.SeriesNumber = "P001", "Test^Patient", "CR", 3
-    ds.ImageType = ["ORIGINAL", "PRIMARY"]
-    ds.set_pixel_data(stored, photometric, bits, generate_instance_uid=False)
-    for key, value in tags.items():
-        setattr(ds, key, value)
-    ds.save_as(path, enforce_file_format=True)
-    return path
+    """A small CR file with stored values `stored` (H, W) (uint16, or int16 for signed data)."""
+    return conftest.make_dicom(path, stored, photometric, bits, **{"Modality": "CR",
+                                                                    "ImageType": ["ORIGINAL", "PRIMARY"], **tags})
 
 
 def dicom_voi_numpy(stored, bits, signed, slope=None, intercept=None, center=None, width=None):

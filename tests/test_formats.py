@@ -19,36 +19,14 @@ from nodule_diffusion import formats
 from nodule_diffusion.data import DataError
 
 pydicom = oracle("pydicom", reason="pydicom is needed to build DICOM fixtures")
-from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
-from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless, generate_uid  # noqa: E402
+from pydicom.uid import JPEGLSLossless  # noqa: E402
 
-DX_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
+from conftest import make_dicom  # noqa: E402
 
 
 def minmax(x):
     x = np.asarray(x, np.float64)
     return (x - x.min()) / (x.max() - x.min())
-
-
-def make_dicom(path, pixels, photometric="MONOCHROME2", bits=12, **tags):
-    """A small DX file: `pixels` (H, W) uint16 stored values (or (F, H, W) / (H, W, 3) for the error cases)."""
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = DX_SOP_CLASS
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPInstanceUID = generate_uid()
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    ds.PatientID, ds.PatientName, ds.Modality, ds.SeriesNumber = "P001", "Test^Patient", "DX", 3
-    ds.ImageType = ["ORIGINAL", "PRIMARY", "POST_PROCESSED"]
-    if pixels is not None:
-        ds.set_pixel_data(pixels, photometric, bits, generate_instance_uid=False)
-    else:
-        ds.PhotometricInterpretation, ds.Rows, ds.Columns = photometric, 4, 4
-    for key, value in tags.items():
-        setattr(ds, key, value)
-    ds.save_as(path, enforce_file_format=True)
-    return path
 
 
 @pytest.fixture

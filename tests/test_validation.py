@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from PIL import Image
 from torch import nn
 
+from conftest import make_dicom
 from nodule_diffusion import checks, data, datasets, formats, lora
 from nodule_diffusion.common import (CHECKPOINT_FORMAT_VERSION, DataError, load_checkpoint, save_checkpoint,
                                      tensor_digest)
@@ -58,21 +59,9 @@ def png_claiming(path, width: int, height: int):
 
 
 def write_dicom(path, rows=64, cols=64, **tags):
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # DX
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds.Modality = "DX"
-    ds.set_pixel_data(np.arange(rows * cols, dtype=np.uint16).reshape(rows, cols) % 4096, "MONOCHROME2", 12,
-                      generate_instance_uid=False)
-    for key, value in tags.items():
-        setattr(ds, key, value)
-    ds.save_as(path, enforce_file_format=True)
-    return path
+    """A MONOCHROME2 12-bit DX file with a ramp of stored values (conftest.make_dicom) and extra `tags`."""
+    return make_dicom(path, np.arange(rows * cols, dtype=np.uint16).reshape(rows, cols) % 4096, "MONOCHROME2", 12,
+                      **tags)
 
 
 def write_csv(folder, rows: list[dict], name="ann.csv", header=HEADER):
