@@ -49,9 +49,9 @@ class SampleConfig:
     per_image: int = 1  # random nodules per image when there is no --requests
     min_diameter_mm: float = 8.0  # random nodules: diameters uniform in [min, max] mm
     max_diameter_mm: float = 20.0  # random nodules: largest diameter in mm
-    steps: int = 50  # sampling steps
+    steps: int = synthesis.SAMPLE_STEPS  # sampling steps
     sampler: str = "ddim"  # ddim | ddpm
-    eta: float = 0.0  # DDIM η (0 = deterministic, 1 = DDPM-like)
+    eta: float = synthesis.SAMPLE_ETA  # DDIM η (1 = DDPM-like, the default: sharper nodules; 0 = deterministic)
     guidance: float = 3.0  # CFG scale g (strategy cfg)
     compositional: bool = False  # CFG: one guidance term per attribute [Liu et al. 2022]
     spacing_mm: float = 1.4  # the model's working resolution (must match training)

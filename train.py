@@ -44,7 +44,7 @@ from nodule_diffusion.unet import UNetConfig
 # UNet and loop sizes measured on a 2-core laptop-class CPU (README "Measured"); attention only at 8×8 (level 2)
 # and in the middle block keeps a step near 0.5 s at batch 16.
 PRESETS = {
-    "demo": {"steps": 400, "batch_size": 16, "n_images": 300, "attention_levels": [2], "lora_steps": 100,
+    "demo": {"steps": 400, "batch_size": 16, "n_images": 300, "attention_levels": [2], "lora_steps": 200,
              "compose_steps": 30, "det_steps": 250, "seeds": 1, "synthetic_images": 100, "test_images": 120,
              "low_data": 40, "n_boot": 200, "sample_every": 200, "checkpoint_every": 200,
              "attributes": "texture=ground_glass,margin=spiculated"},
@@ -90,7 +90,7 @@ class TrainConfig:
     lambda_orth: float = 1.0  # weight of L_orth [OURS]
     lambda_attn: float = 0.1  # weight of L_attn [OURS]
     lambda_zip: float = 0.01  # ZipLoRA's merger-similarity weight [ZipLoRA §4]
-    lora_lr: float = 5e-3  # LoRA learning rate: B starts at 0 and a CPU budget allows ~100 steps [LoRA §4.1]
+    lora_lr: float = 2e-3  # LoRA learning rate: B starts at 0 and a CPU budget allows ~200 steps [LoRA §4.1]
     compose_lr: float = 0.01  # merger learning rate: m starts at 1 and must move within a few dozen steps
     cfg_dropout: float = 0.1  # cfg stage: p of dropping each attribute to its null token [CFG §3.2]
     vocab: str = ""  # JSON file with the attribute vocabulary (default: texture, margin, calcification)
@@ -332,7 +332,7 @@ def run_all(train, loop, unet_cfg, diffusion_cfg, detect, demo: DemoConfig) -> d
               replace(loop, steps=demo.compose_steps), unet_cfg, diffusion_cfg)
     print("== 5/6 inserting nodules into held-out images")
     device = common.resolve_device(train.device)
-    generate, model = synthesis.build_generator(str(base), "ortho", attributes, out / "lora", device, steps=25)
+    generate, model = synthesis.build_generator(str(base), "ortho", attributes, out / "lora", device)
     pool = datasets.load_records("phantom", out / "data", demo.synthetic_images, train.seed + 1, model.vocab)
     shutil.rmtree(out / "synthetic", ignore_errors=True)  # --overwrite: an earlier run's set must not mix in
     synthetic = synthesis.synthesize(pool, generate, out / "synthetic", model.vocab, train.spacing_mm,

@@ -5,11 +5,15 @@ the mean |Laplacian| inside the regenerated region (speckle; real crops give the
 inside the mask, for DDIM-25 (η = 0) and DDIM-50 (η = 1). A grid PNG per model and sampler.
 Phase "lora": on the v-prediction base, single-attribute LoRAs per (targets, γ of the LoRA loss, lr, steps); the
 image-only judge's accuracy on nodules generated from held-out masks that lack the value (evaluation.controllability
-rules), with seconds of training. JSON and a markdown table under --out_dir.
+rules), with seconds of training.
+Phase "curve": accuracy against CPU-minutes. One base trained on and on (exact resume) to each of --curve_base
+steps; at each, the LoRA set-up --curve_config for --curve_lora steps.
+Everything goes to <out_dir>/results.json (phases add to it); grids as PNG.
 
 Examples:
-    python benchmarks/controllability_sweep.py --out_dir runs/sweep                    # both phases, ~30 min
-    python benchmarks/controllability_sweep.py --out_dir runs/sweep --phase lora --lora_steps 300 --configs X
+    python benchmarks/controllability_sweep.py --out_dir runs/sweep                    # base + lora, ~30 min
+    python benchmarks/controllability_sweep.py --out_dir runs/sweep --phase lora --lora_steps 100 200 --configs locon
+    python benchmarks/controllability_sweep.py --out_dir runs/sweep --phase curve --curve_base 400 800 1600
 """
 
 from __future__ import annotations
@@ -18,14 +22,16 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nodule_diffusion import datasets, diffusion, lora, training  # noqa: E402
+from nodule_diffusion.metrics import mean_abs_laplacian  # noqa: E402
 from nodule_diffusion.data import DEFAULT_VOCAB, NoduleCrops  # noqa: E402
-from nodule_diffusion.diffusion import DiffusionConfig, DiffusionModel  # noqa: E402
+from nodule_diffusion.diffusion import DiffusionConfig, DiffusionModel, loop_state_dict  # noqa: E402
 from nodule_diffusion.evaluation import JudgeSettings, train_attribute_judge  # noqa: E402
 from nodule_diffusion.judge import attribute_accuracy  # noqa: E402
 from nodule_diffusion.synthesis import generate_for, triplet_grid  # noqa: E402
@@ -34,20 +40,20 @@ from nodule_diffusion.unet import UNetConfig  # noqa: E402
 
 BASES = {"eps": ("epsilon", 0.0), "v_minsnr5": ("v_prediction", 5.0), "x0_minsnr5": ("sample", 5.0)}
 ATTENTION = ("to_q", "to_k", "to_v", "to_out")
+LINEAR = ATTENTION + ("proj_in", "proj_out", "fc1", "fc2")  # every linear layer of the transformer blocks
 LORAS = {  # name: (targets, γ of the LoRA loss, lr)
     "attn_g5_lr2e-3": (ATTENTION, 5.0, 2e-3),
-    "wide_g5_lr2e-3": (diffusion.LORA_TARGETS, 5.0, 2e-3),
-    "wide_g0_lr5e-3": (diffusion.LORA_TARGETS, 0.0, 5e-3),
+    "wide_g5_lr2e-3": (LINEAR, 5.0, 2e-3),
+    "wide_g0_lr5e-3": (LINEAR, 0.0, 5e-3),
     # + the ResBlocks' timestep projections: a per-channel shift at every resolution, 32×32 included
-    "wide_tproj_g0_lr5e-3": (diffusion.LORA_TARGETS + ("t_proj",), 0.0, 5e-3),
+    "wide_tproj_g0_lr5e-3": (LINEAR + ("t_proj",), 0.0, 5e-3),
+    # + the ResBlocks' 3×3 convolutions (LoCon), which draw at every resolution: the default since issue 10
+    "locon_g0_lr5e-3": (LINEAR + ("conv1", "conv2"), 0.0, 5e-3),
+    "locon_g0_lr2e-3": (LINEAR + ("conv1", "conv2"), 0.0, 2e-3),  # the default of train.py since issue 10
+    "locon_g5_lr2e-3": (LINEAR + ("conv1", "conv2"), 5.0, 2e-3),
+    "full_finetune_lr3e-4": ("*", 0.0, 3e-4),  # every UNet weight trains: the reach a LoRA can at most have
 }
 CPU = torch.device("cpu")
-
-
-def laplacian_in(x: torch.Tensor, region: torch.Tensor) -> float:
-    """Mean |∇²x| over the region: high-frequency error (speckle) shows here."""
-    kernel = torch.tensor([[0.0, 1, 0], [1, -4, 1], [0, 1, 0]])[None, None]
-    return float((torch.nn.functional.conv2d(x, kernel, padding=1).abs() * region).sum() / region.sum())
 
 
 def sample_crops(model, crops, idx, attrs, sampler: str, steps: int, eta: float):
@@ -74,7 +80,7 @@ def base_phase(args, crops, test, out: Path) -> dict:
             batch, gen = sample_crops(model, test, idx, attrs, sampler, steps, eta)
             m, r = batch["mask"], batch["region"]
             entry[f"{sampler}{steps}_eta{eta:g}"] = {
-                "laplacian_generated": laplacian_in(gen, r), "laplacian_real": laplacian_in(batch["x0"], r),
+                "laplacian_generated": mean_abs_laplacian(gen, r), "laplacian_real": mean_abs_laplacian(batch["x0"], r),
                 "mean_in_mask_generated": float((gen * m).sum() / m.sum()),
                 "mean_in_mask_real": float((batch["x0"] * m).sum() / m.sum())}
             grid = out / f"base_{name}_{sampler}{steps}_eta{eta:g}.png"
@@ -84,34 +90,77 @@ def base_phase(args, crops, test, out: Path) -> dict:
     return results
 
 
-def lora_phase(args, crops, test, real, out: Path) -> dict:
-    judge, _, _ = train_attribute_judge(real, DEFAULT_VOCAB, 1.4, JudgeSettings(), CPU)
-    t = test.get(torch.arange(len(test)))
-    results = {"judge_real_accuracy": attribute_accuracy(judge.predict(t["x0"]), t["attrs"], DEFAULT_VOCAB)}
+def lora_accuracy(base_state, crops, test, judge, name, config, steps, out: Path, tag: str) -> dict:
+    """Train one single-attribute adapter (or, for "*", fine-tune everything) on the base; judge accuracy on nodules
+    generated from the first 32 held-out masks lacking the value (the evaluation.controllability rule)."""
+    targets, gamma, lr = LORAS[config]
+    attribute, value = name.split("=")
+    k, v = list(DEFAULT_VOCAB).index(attribute), DEFAULT_VOCAB[attribute].index(value)
+    model = DiffusionModel(UNetConfig(), DEFAULT_VOCAB, DiffusionConfig())
+    model.load_state_dict(base_state)
+    loop = LoopConfig(steps=steps, batch_size=16, lr=lr, sample_every=0, checkpoint_every=10 ** 9)
+    start = time.time()
+    if targets == "*":
+        full_finetune(model, crops, attribute, value, loop)
+    else:
+        training.train_lora(model, crops, attribute, value, 8, 8.0, loop, CPU, torch.Generator().manual_seed(1),
+                            targets=targets, min_snr_gamma=gamma)
+        lora.set_active(model.unet, [name])
+    seconds = round(time.time() - start, 1)
+    model.eval()
+    attrs_all = test.get(torch.arange(len(test)))["attrs"]
+    lacking = torch.nonzero(attrs_all[:, k] != v).flatten()[:32].tolist()
+    attrs = diffusion.attr_tensor({attribute: value}, DEFAULT_VOCAB, len(lacking), "cpu")
+    batch, x0 = generate_for(model, test, lacking, attrs)
+    generated = batch["context"] + batch["region"] * x0
+    accuracy = float((judge.predict(generated)[:, k] == v).float().mean())
+    triplet_grid(batch, x0, out / f"lora_{tag}_{name}.png", [value] * len(lacking))
+    speckle = mean_abs_laplacian(generated, batch["region"])
+    print(tag, name, accuracy, seconds, round(speckle, 4), flush=True)
+    return {"accuracy": accuracy, "train_s": seconds, "speckle": speckle,
+            "speckle_real": mean_abs_laplacian(batch["x0"], batch["region"])}
+
+
+def full_finetune(model, crops, attribute: str, value: str, loop: LoopConfig) -> None:
+    """The reference for reach: every weight and the value's token train on the nodules with the value."""
+    generator, name = torch.Generator().manual_seed(1), f"{attribute}={value}"
+    idx = diffusion.subset_of(crops, DEFAULT_VOCAB, attribute, value)
+    scheduler = model.diffusion.scheduler()
+
+    def loss_fn(step):
+        batch = training.random_batch(crops, loop.batch_size, generator, CPU, subset=idx)
+        attrs = diffusion.only(batch["attrs"], DEFAULT_VOCAB, [attribute])
+        return diffusion.denoising_loss(model, scheduler, batch, model.diffusion.mask_weight, generator, attrs), {}
+
+    params = [p for p in model.parameters()]
+    training.fit(model, params, loss_fn, replace(loop, ema_decay=0.0), CPU, generator, desc=f"full {name}")
+
+
+def lora_phase(args, crops, test, judge, out: Path) -> dict:
     base_state = torch.load(out / "base_v_minsnr5.pt", weights_only=True)
-    for config, (targets, gamma, lr) in ((c, LORAS[c]) for c in args.configs):
-        for steps in args.lora_steps:
+    return {f"{config}/{steps}/{name}": lora_accuracy(base_state, crops, test, judge, name, config, steps, out,
+                                                     f"{config}_{steps}")
+            for config in args.configs for steps in args.lora_steps for name in args.values}
+
+
+def curve_phase(args, crops, test, judge, out: Path) -> dict:
+    """Accuracy against CPU-minutes: the base continued to each budget, then the default LoRA at each."""
+    torch.manual_seed(0)
+    model = DiffusionModel(UNetConfig(), DEFAULT_VOCAB, DiffusionConfig())
+    state, base_s, results = None, 0.0, {}
+    for base_steps in args.curve_base:
+        loop = LoopConfig(steps=base_steps, batch_size=16, sample_every=0, checkpoint_every=10 ** 9)
+        start = time.time()
+        run = training.train_base(model, crops, loop, CPU, torch.Generator().manual_seed(0), state)
+        base_s += time.time() - start
+        state = loop_state_dict(run)  # the next budget continues this run exactly
+        sampler = DiffusionModel(UNetConfig(), DEFAULT_VOCAB, DiffusionConfig())
+        sampler.load_state_dict(run["ema"].shadow)
+        for lora_steps in args.curve_lora:
             for name in args.values:
-                attribute, value = name.split("=")
-                k, v = list(DEFAULT_VOCAB).index(attribute), DEFAULT_VOCAB[attribute].index(value)
-                model = DiffusionModel(UNetConfig(), DEFAULT_VOCAB, DiffusionConfig(prediction_type="v_prediction",
-                                                                                    min_snr_gamma=5.0))
-                model.load_state_dict(base_state)
-                loop = LoopConfig(steps=steps, batch_size=16, lr=lr, sample_every=0, checkpoint_every=10 ** 9)
-                start = time.time()
-                training.train_lora(model, crops, attribute, value, 8, 8.0, loop, CPU, torch.Generator().manual_seed(1),
-                                    targets=targets, min_snr_gamma=gamma)
-                seconds = round(time.time() - start, 1)
-                lora.set_active(model.unet, [name])
-                model.eval()
-                lacking = torch.nonzero(t["attrs"][:, k] != v).flatten()[:32].tolist()
-                attrs = diffusion.attr_tensor({attribute: value}, DEFAULT_VOCAB, len(lacking), "cpu")
-                batch, x0 = generate_for(model, test, lacking, attrs)
-                generated = batch["context"] + batch["region"] * x0
-                accuracy = float((judge.predict(generated)[:, k] == v).float().mean())
-                results[f"{config}/{steps}/{name}"] = {"accuracy": accuracy, "train_s": seconds}
-                triplet_grid(batch, x0, out / f"lora_{config}_{steps}_{name}.png", [value] * len(lacking))
-                print(config, steps, name, accuracy, seconds, flush=True)
+                entry = lora_accuracy(sampler.state_dict(), crops, test, judge, name, args.curve_config,
+                                      lora_steps, out, f"curve_base{base_steps}_lora{lora_steps}")
+                results[f"base{base_steps}/lora{lora_steps}/{name}"] = {**entry, "base_s": round(base_s, 1)}
     return results
 
 
@@ -119,10 +168,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("Examples:")[1],
                                      formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--out_dir", type=Path, required=True, help="where models, grids and results.json go")
-    parser.add_argument("--phase", choices=["base", "lora", "both"], default="both", help="which sweep to run")
+    parser.add_argument("--phase", choices=["base", "lora", "both", "curve"], default="both", help="which sweep")
     parser.add_argument("--base_steps", type=int, default=400, help="base training steps (demo preset: 400)")
     parser.add_argument("--lora_steps", type=int, nargs="+", default=[100], help="LoRA steps to try")
     parser.add_argument("--configs", nargs="+", default=list(LORAS), choices=list(LORAS), help="LoRA set-ups")
+    parser.add_argument("--curve_base", type=int, nargs="+", default=[400, 800, 1600], help="curve: base steps")
+    parser.add_argument("--curve_lora", type=int, nargs="+", default=[100], help="curve: LoRA steps at each")
+    parser.add_argument("--curve_config", default="locon_g0_lr2e-3", choices=list(LORAS), help="curve: LoRA set-up")
     parser.add_argument("--values", nargs="+", default=["texture=ground_glass", "calcification=calcified",
                                                          "margin=spiculated"], help="attribute values")
     args = parser.parse_args()
@@ -135,8 +187,14 @@ def main() -> None:
     results = json.loads(path.read_text()) if path.is_file() else {}
     if args.phase in ("base", "both"):
         results["base"] = base_phase(args, crops, test, args.out_dir)
+    if args.phase in ("lora", "both", "curve"):
+        judge, _, _ = train_attribute_judge(real, DEFAULT_VOCAB, 1.4, JudgeSettings(), CPU)
+        t = test.get(torch.arange(len(test)))
+        results["judge_real_accuracy"] = attribute_accuracy(judge.predict(t["x0"]), t["attrs"], DEFAULT_VOCAB)
     if args.phase in ("lora", "both"):
-        results["lora"] = {**results.get("lora", {}), **lora_phase(args, crops, test, real, args.out_dir)}
+        results["lora"] = {**results.get("lora", {}), **lora_phase(args, crops, test, judge, args.out_dir)}
+    if args.phase == "curve":
+        results["curve"] = {**results.get("curve", {}), **curve_phase(args, crops, test, judge, args.out_dir)}
     path.write_text(json.dumps(results, indent=1))
     print(f"wrote {path}")
 

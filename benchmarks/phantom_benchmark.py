@@ -2,7 +2,8 @@
 
 Trains the base model, a LoRA for every attribute value, compositions of all texture × margin pairs with
 `ortho` and `ziplora` training (and the training-free `linear`, `svd`, `ties`, `switch`), a three-attribute
-`ortho` composition and the CFG baseline; then measures for each strategy and pair the judge's controllability
+`ortho` composition, the two ablations of `ortho` (λ_o = 0: no orthogonality term; λ_a = 0: no attention term)
+and the CFG baseline; then measures for each strategy and pair the judge's controllability
 accuracy, FD_judge per attribute value and mask Dice, the two composition diagnostics (ΔW cosine, attention
 overlap) before/after, and detection: real-only vs real + synthetic (`ortho`) vs copy-paste vs analytic template
 insertion, several seeds, low-data regime, AUC / CPM / AP@0.5 / NODE21 with paired bootstrap 95% CIs.
@@ -18,6 +19,7 @@ import argparse
 import itertools
 import json
 import platform
+import shutil
 import sys
 import time
 from dataclasses import replace
@@ -34,6 +36,8 @@ from nodule_diffusion.diffusion import load_model, parse_attributes  # noqa: E40
 from nodule_diffusion.data import NoduleCrops  # noqa: E402
 
 STRATEGIES = ("linear", "svd", "ties", "switch", "ziplora", "ortho")
+# `ortho` with one term of the composition objective switched off [OURS Eq. 1]: what each term buys
+ABLATIONS = {"ortho_no_orth": {"lambda_orth": 0.0}, "ortho_no_attn": {"lambda_attn": 0.0}}
 
 
 def settings(quick: bool) -> dict:
@@ -43,9 +47,9 @@ def settings(quick: bool) -> dict:
         return dict(n_images=120, base_steps=60, batch_size=8, lora_steps=20, compose_steps=5, cfg_steps=30,
                     per_set=6, pairs=2, det_steps=40, seeds=2, pool=24, test=30, low_data=20, judge_steps=60,
                     steps=10, n_boot=50)
-    return dict(n_images=400, base_steps=700, batch_size=16, lora_steps=100, compose_steps=15, cfg_steps=400,
+    return dict(n_images=400, base_steps=700, batch_size=16, lora_steps=200, compose_steps=15, cfg_steps=400,
                 per_set=12, pairs=9, det_steps=160, seeds=3, pool=90, test=120, low_data=50, judge_steps=400,
-                steps=20, n_boot=300)
+                steps=50, n_boot=300)
 
 
 def train_models(out: Path, s: dict, device: str) -> list[tuple[str, str]]:
@@ -68,8 +72,21 @@ def train_models(out: Path, s: dict, device: str) -> list[tuple[str, str]]:
     train.run_stage(replace(base_cfg, stage="compose", ckpt=ckpt, strategy="ortho",
                             attributes="texture=part_solid,margin=ill_defined,calcification=calcified"),
                     replace(loop, steps=s["compose_steps"]), unet, diffusion)
+    for tag, overrides in ABLATIONS.items():
+        folder = ablation_dir(out, tag)  # a run folder of its own: the same adapters, its own compose/
+        shutil.copytree(out / "lora", folder / "lora", dirs_exist_ok=True)
+        if not (folder / "data").exists():
+            (folder / "data").symlink_to((out / "data").resolve(), target_is_directory=True)
+        for tex, mar in pairs:
+            train.run_stage(replace(base_cfg, out_dir=str(folder), stage="compose", ckpt=ckpt, strategy="ortho",
+                                    attributes=f"texture={tex},margin={mar}", **overrides),
+                            replace(loop, steps=s["compose_steps"]), unet, diffusion)
     train.run_stage(replace(base_cfg, stage="cfg", ckpt=ckpt), replace(loop, steps=s["cfg_steps"]), unet, diffusion)
     return pairs
+
+
+def ablation_dir(out: Path, tag: str) -> Path:
+    return out / "ablations" / tag
 
 
 def single_attribute(out: Path, s: dict, device) -> dict:
@@ -90,13 +107,16 @@ def controllability(out: Path, pairs, s: dict, device) -> dict:
         judge_steps=s["judge_steps"]), device)
     pool = load_records("phantom", out / "data", s["per_set"], 11, vocab)
     results = {"judge_train_accuracy": train_acc, "sets": []}
-    jobs = [(f"texture={t},margin={m}", st) for (t, m), st in itertools.product(pairs, (*STRATEGIES, "cfg"))]
+    jobs = [(f"texture={t},margin={m}", st) for (t, m), st in
+            itertools.product(pairs, (*STRATEGIES, *ABLATIONS, "cfg"))]
     jobs.append(("texture=part_solid,margin=ill_defined,calcification=calcified", "ortho"))
     jobs.append(("texture=part_solid,margin=ill_defined,calcification=calcified", "linear"))
     for attrs_text, strategy in jobs:
         attributes = parse_attributes(attrs_text, vocab)
         ckpt = out / ("cfg.pt" if strategy == "cfg" else "base.pt")
-        generate, _ = synthesis.build_generator(str(ckpt), strategy, attributes, out / "lora", device, s["steps"])
+        lora_dir = ablation_dir(out, strategy) / "lora" if strategy in ABLATIONS else out / "lora"
+        generate, _ = synthesis.build_generator(str(ckpt), "ortho" if strategy in ABLATIONS else strategy,
+                                                attributes, lora_dir, device, s["steps"])
         folder = out / "sets" / f"{strategy}_{attrs_text.replace(',', '+')}"
         syn = synthesis.synthesize(pool, generate, folder, vocab, 1.4, 32, attributes, 1, (10.0, 20.0), 5)
         scores, _, _ = evaluation.score_synthetic(judge, real_batch, syn, vocab, 1.4, 32)

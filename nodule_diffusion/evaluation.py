@@ -293,6 +293,8 @@ def controllability(ckpt: str, lora_dir: Path, names: list[str], real_train, rea
        contexts of up to n held-out nodules that LACK v; the fraction the judge calls v.
     4. fd_judge[a=v] = FD(judge features of those generated crops, of real held-out crops carrying v), next to its
        floor fd_floor[a=v] = FD(two disjoint halves of the real crops carrying v) (metrics.frechet_distance).
+    5. speckle[a=v] = mean |∇²| in the regenerated regions of the generated crops, speckle_real[a=v] the same on
+       the real crops of those masks (metrics.mean_abs_laplacian): what the judge's verdict cannot show.
     """
     vocab = load_model(ckpt, "cpu")[0].vocab
     judge, _, _ = train_attribute_judge(real_train, vocab, spacing_mm, settings, device)
@@ -300,7 +302,8 @@ def controllability(ckpt: str, lora_dir: Path, names: list[str], real_train, rea
     t = test.get(torch.arange(len(test)))
     pred_real, feats_real = judge.predict(t["x0"]), judge.features(t["x0"]).numpy()
     result = {"real_accuracy": attribute_accuracy(pred_real, t["attrs"], vocab), "n_real_test": len(test),
-              "real_recall": {}, "accuracy": {}, "fd_judge": {}, "fd_floor": {}, "n_generated": {}}
+              "real_recall": {}, "accuracy": {}, "fd_judge": {}, "fd_floor": {}, "n_generated": {}, "speckle": {},
+              "speckle_real": {}}
     for name in names:
         attribute, value = name.split("=", 1)
         k, v = list(vocab).index(attribute), vocab[attribute].index(value)
@@ -316,6 +319,8 @@ def controllability(ckpt: str, lora_dir: Path, names: list[str], real_train, rea
         result["real_recall"][name] = float((pred_real[carrying, k] == v).float().mean()) if carrying.any() else None
         result["accuracy"][name] = float((judge.predict(generated)[:, k] == v).float().mean())
         result["n_generated"][name] = len(lacking)
+        result["speckle"][name] = metrics.mean_abs_laplacian(generated, batch["region"])
+        result["speckle_real"][name] = metrics.mean_abs_laplacian(batch["x0"], batch["region"])
         if len(real_v) >= 4:
             result["fd_judge"][name] = metrics.frechet_distance(judge.features(generated).numpy(), real_v)
             result["fd_floor"][name] = metrics.frechet_distance(real_v[0::2], real_v[1::2])
@@ -327,12 +332,14 @@ def controllability_markdown(c: dict) -> str:
     lines = ["## Controllability of single-attribute LoRAs (judge on images only, held-out nodules)", "",
              "Judge accuracy on held-out real crops: "
              + ", ".join(f"{a} {x:.3f}" for a, x in c["real_accuracy"].items()) + f" (n = {c['n_real_test']}).", "",
-             "| LoRA | judge accuracy on generated | judge recall on real | FD_judge (gen vs real) | FD floor |",
-             "|---|---|---|---|---|"]
+             "| LoRA | judge accuracy on generated | judge recall on real | FD_judge (gen vs real) | FD floor | "
+             "speckle mean abs Laplacian gen / real |", "|---|---|---|---|---|---|"]
     for name, acc in c["accuracy"].items():
         recall, fd, floor = c["real_recall"].get(name), c["fd_judge"].get(name), c["fd_floor"].get(name)
+        speckle, speckle_real = c.get("speckle", {}).get(name), c.get("speckle_real", {}).get(name)
         cells = [f"{recall:.3f}" if recall is not None else "–", f"{fd:.2f}" if fd is not None else "–",
-                 f"{floor:.2f}" if floor is not None else "–"]
+                 f"{floor:.2f}" if floor is not None else "–",
+                 f"{speckle:.3f} / {speckle_real:.3f}" if speckle is not None else "–"]
         lines.append(f"| `{name}` | {acc:.3f} (n = {c['n_generated'][name]}) | " + " | ".join(cells) + " |")
     return "\n".join(lines + [""])
 

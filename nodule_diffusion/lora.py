@@ -1,7 +1,8 @@
 """LoRA: the adapter layer, injection, merge/unmerge, adapter files and the orthogonality loss.
 
 Implements
-    LoRALinear          a frozen nn.Linear plus any number of named low-rank adapters [LoRA Eq. 3]
+    LoRALayer           a frozen nn.Linear or nn.Conv2d plus any number of named low-rank adapters [LoRA Eq. 3],
+                        on a convolution as LoCon: a k×k conv down to r channels, a 1×1 conv back up [LoCon]
     inject_lora         the only code that swaps modules (suffix rule on module names)
     set_active / merge / unmerge / remove_adapter / adapter_state / adapter_factors / add_factors
     save_adapter / load_adapter / save_merged / fingerprint_state_dict / base_state_dict
@@ -13,10 +14,12 @@ Papers
     [LoRA]       Hu et al. 2021, arXiv:2106.09685 (§4.1: A Kaiming/Gaussian, B = 0, ΔW = (α/r)·B·A)
     [ZipLoRA]    Shah et al. 2023, arXiv:2311.13600 (per-column merger coefficients m)
     [OrthoAdapt] Po et al. 2024, arXiv:2312.02432 (frozen orthogonal input bases, one disjoint set per concept)
+    [LoCon]      Yeh et al. 2024, arXiv:2309.14859 (LyCORIS §3: LoRA on convolutions, ΔW reshaped to the kernel)
     [OURS]       the composition objective of notes/method.md §3 (arXiv 2603.01659 gives no formula); equations
                  numbered as in compose.py: Eq. 1 total loss, Eq. 2 L_orth (here), Eq. 3 L_attn
 
-Notation (per adapted layer; D_in = in_features, D_out = out_features)
+Notation (per adapted layer; D_in = in_features, D_out = out_features; a Conv2d's kernel (C_out, C_in, kh, kw) is
+the matrix (D_out, D_in) = (C_out, C_in·kh·kw), so every formula below holds for both layer kinds)
     W0   (D_out, D_in)  frozen base weight          A  (r, D_in)   down-projection, Kaiming-uniform init
     r    adapter rank                                B  (D_out, r)  up-projection, zero init ⇒ ΔW = 0 at start
     alpha  LoRA α;  s = α/r the scaling              m  (D_in,)     merger vector (ZipLoRA), ones when absent
@@ -26,7 +29,8 @@ Notation (per adapted layer; D_in = in_features, D_out = out_features)
 
 Deviations
     DEVIATION: no LoRA dropout (the paper's 0.1 on GPT-3 is unneeded for our tiny adapters; add it if you need it).
-    DEVIATION: Conv2d LoRA is not provided; targets are the attention projections (nn.Linear) only.
+    DEVIATION: Conv2d adapters (LoCon) go beyond the paper's attention LoRA; which layers get one is
+    diffusion.LORA_TARGETS. Grouped convolutions and padding modes other than zeros are refused.
 """
 
 from __future__ import annotations
@@ -44,15 +48,33 @@ from nodule_diffusion.common import DataError, check_schema, check_tensors, tens
 ADAPTER_FORMAT_VERSION = 2  # 2: content_sha256 and the adapter's name recorded (format 1 files are still read)
 
 
-class LoRALinear(nn.Module):
-    """A frozen `base` nn.Linear with named LoRA adapters: y = W0·x + b + Σ_active w·s·B·A·(m ⊙ x).
+def fan(base: nn.Module) -> tuple[int, int]:
+    """(D_out, D_in) of a layer's weight seen as a matrix: a Conv2d kernel flattened over (C_in, kh, kw)."""
+    if isinstance(base, nn.Linear):
+        return base.out_features, base.in_features
+    return base.out_channels, base.in_channels * base.kernel_size[0] * base.kernel_size[1]
 
-    Input x (..., D_in) float; output (..., D_out), same dtype as base(x). Merging is explicit (`merge()`), guarded
-    by a flag, in float32, and never tied to train()/eval(); unmerge() restores W0 bit-exactly.
+
+def adaptable(module: nn.Module) -> bool:
+    """Layers an adapter can wrap: nn.Linear, and nn.Conv2d without groups and with zero padding."""
+    return isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1
+                                             and module.padding_mode == "zeros")
+
+
+class LoRALayer(nn.Module):
+    """A frozen `base` nn.Linear or nn.Conv2d with named LoRA adapters: W = W0 + Σ_active w·s·B·A·diag(m).
+
+    Linear: x (..., D_in) → (..., D_out), y = W0·x + b + Σ w·s·B·A·(m ⊙ x) [LoRA Eq. 3].
+    Conv2d: x (N, C_in, H, W) → (N, C_out, H', W'), the adapter is conv(x, A as an (r, C_in, kh, kw) kernel, the
+    base's stride/padding/dilation) followed by a 1×1 conv with B [LoCon]: the same map as conv(x, ΔW).
+    Output dtype = base(x)'s. Merging is explicit (`merge()`), guarded by a flag, in float32, and never tied to
+    train()/eval(); unmerge() restores W0 bit-exactly.
     """
 
-    def __init__(self, base: nn.Linear):
+    def __init__(self, base: nn.Linear | nn.Conv2d):
         super().__init__()
+        if not adaptable(base):
+            raise DataError(f"LoRA wraps nn.Linear or an ungrouped, zero-padded nn.Conv2d, not {base}")
         self.base = base  # composition, not inheritance: the wrapped layer keeps its own state
         for p in self.base.parameters():
             p.requires_grad_(False)
@@ -70,15 +92,15 @@ class LoRALinear(nn.Module):
     def merged(self) -> bool:
         return self.unmerged_weight is not None
 
-    # The wrapper stands in for the Linear it replaced, so code that reads these keeps working.
-    in_features = property(lambda self: self.base.in_features)
-    out_features = property(lambda self: self.base.out_features)
+    # The wrapper stands in for the layer it replaced, so code that reads these keeps working.
+    in_features = property(lambda self: fan(self.base)[1])  # D_in (C_in·kh·kw for a convolution)
+    out_features = property(lambda self: fan(self.base)[0])
     weight = property(lambda self: self.base.weight)
     bias = property(lambda self: self.base.bias)
 
     def _require_unmerged(self, what: str) -> None:
         if self.merged:
-            raise RuntimeError(f"LoRALinear.{what}: the adapters are merged; call unmerge() first")
+            raise RuntimeError(f"LoRALayer.{what}: the adapters are merged; call unmerge() first")
 
     def add_adapter(self, name: str, r: int, alpha: float, init: str = "kaiming",
                     A_init: torch.Tensor | None = None, train_A: bool = True) -> None:
@@ -94,7 +116,7 @@ class LoRALinear(nn.Module):
         if r < 1:
             raise DataError(f"adapter {name!r}: rank r must be >= 1, got {r}")
         weight = self.base.weight
-        A = torch.empty(r, self.base.in_features, device=weight.device, dtype=torch.float32)
+        A = torch.empty(r, self.in_features, device=weight.device, dtype=torch.float32)
         if A_init is not None:
             if tuple(A_init.shape) != tuple(A.shape):
                 raise DataError(f"adapter {name!r}: A_init has shape {tuple(A_init.shape)}, expected {tuple(A.shape)}")
@@ -109,14 +131,14 @@ class LoRALinear(nn.Module):
         else:
             raise DataError(f"adapter {name!r}: unknown init {init!r} (kaiming | gaussian | orthogonal)")
         self.lora_A[name] = nn.Parameter(A, requires_grad=train_A)
-        self.lora_B[name] = nn.Parameter(torch.zeros(self.base.out_features, r, device=weight.device))
+        self.lora_B[name] = nn.Parameter(torch.zeros(self.out_features, r, device=weight.device))
         self.scaling[name] = alpha / r  # [LoRA §4.1] s = α/r
         self.active[name] = 1.0
 
     def add_merger(self, name: str) -> None:
         """Give adapter `name` a trainable merger vector m (D_in,) = 1 [ZipLoRA]: ΔW_name = s·B·A·diag(m)."""
         self._require_unmerged("add_merger")
-        self.lora_m[name] = nn.Parameter(torch.ones(self.base.in_features, device=self.lora_A[name].device))
+        self.lora_m[name] = nn.Parameter(torch.ones(self.in_features, device=self.lora_A[name].device))
 
     def remove_adapter(self, name: str) -> None:
         self._require_unmerged("remove_adapter")
@@ -150,11 +172,11 @@ class LoRALinear(nn.Module):
         return B.float() @ A.float()  # (D_out, D_in)
 
     def active_delta(self) -> torch.Tensor:
-        """Σ_active w·ΔW in float32 (D_out, D_in)."""
-        delta = torch.zeros_like(self.base.weight, dtype=torch.float32)
+        """Σ_active w·ΔW in float32, in the shape of the base weight ((D_out, D_in), or the conv kernel's)."""
+        delta = torch.zeros(self.out_features, self.in_features, device=self.base.weight.device)
         for name, w in self.active.items():
             delta = delta + w * self.delta_weight(name)
-        return delta
+        return delta.view(self.base.weight.shape)  # (C_out, C_in, kh, kw) for a convolution
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -180,17 +202,31 @@ class LoRALinear(nn.Module):
         for name, w in self.active.items():
             A, B = self.lora_A[name], self.lora_B[name]
             h = x.to(A.dtype)
-            if name in self.lora_m:
-                h = h * self.lora_m[name]  # x ⊙ m = diag(m)·x
-            # [LoRA Eq. 3] h = W0·x + s·B·(A·x); ΔW is never formed: two thin matmuls, O(r·(D_in + D_out))/token
-            lora_out = F.linear(F.linear(h, A), B)  # (..., r) then (..., D_out)
+            if isinstance(self.base, nn.Conv2d):
+                lora_out = self._conv_adapter(h, name)  # (N, C_out, H', W')
+            else:
+                if name in self.lora_m:
+                    h = h * self.lora_m[name]  # x ⊙ m = diag(m)·x
+                # [LoRA Eq. 3] h = W0·x + s·B·(A·x); ΔW is never formed: two thin matmuls, O(r·(D_in + D_out))/token
+                lora_out = F.linear(F.linear(h, A), B)  # (..., r) then (..., D_out)
             out = torch.add(out, lora_out.to(out.dtype), alpha=w * self.scaling[name])  # out + w·s·lora_out, one op
         return out
+
+    def _conv_adapter(self, h: torch.Tensor, name: str) -> torch.Tensor:
+        """B·A applied to a feature map without forming ΔW [LoCon]: conv(h, A) to r channels, then a 1×1 conv B."""
+        conv, (A, B) = self.base, (self.lora_A[name], self.lora_B[name])
+        if name in self.lora_m:
+            A = A * self.lora_m[name]  # A·diag(m): m weighs the flattened (C_in, kh, kw) columns   # (r, D_in)
+        kernel = A.view(A.shape[0], conv.in_channels, *conv.kernel_size)  # (r, C_in, kh, kw)
+        down = F.conv2d(h, kernel, None, conv.stride, conv.padding, conv.dilation)  # (N, r, H', W')
+        return F.conv2d(down, B[:, :, None, None])  # (N, C_out, H', W')
 
     def extra_repr(self) -> str:
         ranks = {n: a.shape[0] for n, a in self.lora_A.items()}
         return f"adapters(rank)={ranks}, active={self.active}, merged={self.merged}"
 
+
+LoRALinear = LoRALayer  # the name design §5 gives the layer; it has wrapped convolutions as well since LoCon
 
 # ----------------------------------------------------------------------------- injection and model-level helpers
 
@@ -198,22 +234,23 @@ def _matches(module_name: str, targets: list[str] | tuple[str, ...]) -> bool:
     return any(module_name == t or module_name.endswith("." + t) for t in targets)
 
 
-def _wrap(model: nn.Module, layer_name: str) -> LoRALinear:
-    """Return the LoRALinear at `layer_name`, wrapping the nn.Linear found there first if needed."""
+def _wrap(model: nn.Module, layer_name: str) -> LoRALayer:
+    """Return the LoRALayer at `layer_name`, wrapping the nn.Linear / nn.Conv2d found there first if needed."""
     module = model.get_submodule(layer_name)
-    if isinstance(module, LoRALinear):
+    if isinstance(module, LoRALayer):
         return module
-    if not isinstance(module, nn.Linear):
-        raise DataError(f"module {layer_name!r} is a {type(module).__name__}, LoRA needs nn.Linear")
+    if not adaptable(module):
+        raise DataError(f"module {layer_name!r} is a {type(module).__name__}, LoRA needs nn.Linear or nn.Conv2d")
     parent_name, _, child = layer_name.rpartition(".")
-    wrapped = LoRALinear(module)
+    wrapped = LoRALayer(module)
     setattr(model.get_submodule(parent_name), child, wrapped)  # the one place where modules are swapped
     return wrapped
 
 
 def inject_lora(model: nn.Module, targets: list[str] | tuple[str, ...], name: str, r: int, alpha: float,
                 init: str = "kaiming") -> list[str]:
-    """Add adapter `name` to every nn.Linear whose module name equals a target or ends with "." + target.
+    """Add adapter `name` to every nn.Linear or nn.Conv2d whose module name equals a target or ends with
+    "." + target (modules of other kinds with a matching name, e.g. an nn.Identity skip, are passed over).
 
     Layers already wrapped get another adapter. Returns the adapted module names (sorted). Raises DataError if no
     module matched. Every non-adapter parameter of `model` is left as it is; freeze the rest of the model yourself
@@ -224,21 +261,21 @@ def inject_lora(model: nn.Module, targets: list[str] | tuple[str, ...], name: st
     for module_name, module in model.named_modules():
         if id(module) in wrapped_bases:
             continue
-        if module_name and _matches(module_name, targets) and isinstance(module, (nn.Linear, LoRALinear)):
+        if module_name and _matches(module_name, targets) and (adaptable(module) or isinstance(module, LoRALayer)):
             names.append(module_name)
     if not names:
-        raise DataError(f"inject_lora: no nn.Linear module name matches targets {list(targets)}")
+        raise DataError(f"inject_lora: no nn.Linear / nn.Conv2d module name matches targets {list(targets)}")
     for layer_name in names:  # collected first: swapping while iterating named_modules() is unsafe
         _wrap(model, layer_name).add_adapter(name, r, alpha, init=init)
     return sorted(names)
 
 
-def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
-    """Every LoRALinear in `model`, by module name."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+def lora_layers(model: nn.Module) -> dict[str, LoRALayer]:
+    """Every LoRALayer in `model`, by module name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALayer)}
 
 
-def _layers_with(model: nn.Module, name: str) -> dict[str, LoRALinear]:
+def _layers_with(model: nn.Module, name: str) -> dict[str, LoRALayer]:
     layers = {n: m for n, m in lora_layers(model).items() if name in m.lora_A}
     if not layers:
         raise DataError(f"no layer of the model holds an adapter named {name!r}")
@@ -295,9 +332,9 @@ def add_factors(model: nn.Module, name: str, factors: dict[str, tuple[torch.Tens
     for layer_name, (A, B) in factors.items():
         layer = _wrap(model, layer_name)
         k = A.shape[0]
-        if tuple(B.shape) != (layer.base.out_features, k):
+        if tuple(B.shape) != (layer.out_features, k):
             raise DataError(f"add_factors: layer {layer_name!r}: B has shape {tuple(B.shape)}, "
-                            f"expected {(layer.base.out_features, k)}")
+                            f"expected {(layer.out_features, k)}")
         layer.add_adapter(name, r=k, alpha=k, A_init=A)  # α = r ⇒ s = 1, so B·A is the composed ΔW as given
         layer.lora_B[name].copy_(B)
 
@@ -451,13 +488,13 @@ def load_adapter(path: str | os.PathLike, model: nn.Module, name: str, base_fing
     tensors = payload["tensors"]
     for layer_name, spec in payload["layers"].items():
         module = modules.get(layer_name)
-        base = module.base if isinstance(module, LoRALinear) else module
-        if not isinstance(base, nn.Linear):
-            raise DataError(f"{path}: layer {layer_name!r} is missing in the model (or is not a Linear)")
-        if isinstance(module, LoRALinear) and name in module.lora_A:
+        base = module.base if isinstance(module, LoRALayer) else module
+        if base is None or not adaptable(base):
+            raise DataError(f"{path}: layer {layer_name!r} is missing in the model (or is not a Linear / Conv2d)")
+        if isinstance(module, LoRALayer) and name in module.lora_A:
             raise DataError(f"{path}: the model already has an adapter named {name!r} at {layer_name!r}")
-        want = {"lora_A": (spec["r"], base.in_features), "lora_B": (base.out_features, spec["r"]),
-                "lora_m": (base.in_features,)}
+        d_out, d_in = fan(base)
+        want = {"lora_A": (spec["r"], d_in), "lora_B": (d_out, spec["r"]), "lora_m": (d_in,)}
         for part, shape in want.items():
             tensor = tensors.get(f"{layer_name}.{part}")
             if (tensor is None and part != "lora_m") or (tensor is not None and tuple(tensor.shape) != shape):

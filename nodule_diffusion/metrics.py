@@ -18,6 +18,7 @@ Implements
     bootstrap_ci, paired_bootstrap_diff   percentile bootstrap over images [EFRON93]
     frechet_distance     Fréchet distance between Gaussians fitted to two feature sets [FID]
     dice                 Dice overlap of two masks
+    mean_abs_laplacian   mean |∇²x| over a region: high-frequency content (speckle), compared with real crops
 
 Papers / protocols
     [MW47]   Mann & Whitney 1947; AUC = U / (n_pos·n_neg) (Hanley & McNeil 1982)
@@ -398,3 +399,17 @@ def dice(mask_a, mask_b) -> float:
         raise ValueError(f"mask shapes differ: {a.shape} vs {b.shape}")
     total = int(a.sum()) + int(b.sum())
     return 1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
+
+
+def mean_abs_laplacian(images, region) -> float:
+    """Σ |∇²x|·w / Σ w over images (B, 1, S, S) and region weights w (B, 1, S, S), 5-point stencil, zero padding.
+
+    A realism check that a judge cannot give: a judge trained on real crops may read speckle as a margin or a
+    texture, but speckle doubles this figure against the same masks' real crops (issue 10).
+    """
+    x, w = _np(images), _np(region)
+    padded = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    lap = (padded[..., :-2, 1:-1] + padded[..., 2:, 1:-1] + padded[..., 1:-1, :-2] + padded[..., 1:-1, 2:]
+           - 4 * x)  # ∇²x with the stencil [[0, 1, 0], [1, −4, 1], [0, 1, 0]]   # (B, 1, S, S)
+    return float((np.abs(lap) * w).sum() / max(w.sum(), 1e-12))
+

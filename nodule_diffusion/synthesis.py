@@ -34,6 +34,13 @@ from nodule_diffusion.diffusion import attr_tensor, load_model
 from nodule_diffusion.schedulers import DDIMScheduler, sample_loop
 
 
+# The default reverse chain: DDIM over 50 steps with η = 1, the DDPM-like stochastic chain [DDIM Eq. 16]. At the
+# demo budget η = 0 (25 steps) kept an adapter's output near the conditional mean: the ground-glass LoCon LoRA
+# (200 steps) scored 0.59 with η = 0 and 0.84 with η = 1, and mean |∇²| in the region was 0.151 / 0.125 against
+# 0.151 on real crops (benchmarks/RESULTS.md, "Sampler"). Design §4 says DDIM or DDPM and leaves η open.
+SAMPLE_STEPS, SAMPLE_ETA = 50, 1.0
+
+
 @dataclass
 class Request:
     """One nodule to insert. Coordinates in the image's own pixels; `mask` (H, W) bool overrides the diameter."""
@@ -74,7 +81,7 @@ def request_mask(request: Request, crop_size: int, scale: float) -> np.ndarray:
 
 
 def build_generator(ckpt: str, strategy: str, attributes: dict[str, str], lora_dir: Path, device,
-                    steps: int = 50, eta: float = 0.0, sampler: str = "ddim", guidance: float = 3.0,
+                    steps: int = SAMPLE_STEPS, eta: float = SAMPLE_ETA, sampler: str = "ddim", guidance: float = 3.0,
                     compositional: bool = False, tau: int = 5):
     """Returns (generate(masks, contexts, requests) -> x0 crops, model). Every file is checked before sampling.
 
@@ -333,7 +340,7 @@ def image_crop(image: np.ndarray, box, size: int = 40) -> np.ndarray:
 
 # ----------------------------------------------------------------------------------------------- grids
 @torch.no_grad()
-def generate_for(model, crops, indices, attrs, steps=25, seed=0, sampler="ddim", eta=0.0):
+def generate_for(model, crops, indices, attrs, steps=SAMPLE_STEPS, seed=0, sampler="ddim", eta=SAMPLE_ETA):
     """Generate crops for dataset items `indices` (their masks and contexts) with the given attribute rows."""
     batch = crops.get(torch.as_tensor(indices))
     device = next(model.parameters()).device

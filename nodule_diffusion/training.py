@@ -224,7 +224,7 @@ def train_base(model: DiffusionModel, crops: NoduleCrops, cfg: LoopConfig, devic
 def train_lora(model: DiffusionModel, crops: NoduleCrops, attribute: str, value: str, r: int, alpha: float,
                cfg: LoopConfig, device, generator, init: str = "kaiming", files: RunFiles | None = None,
                targets: tuple[str, ...] = LORA_TARGETS, min_snr_gamma: float = 0.0) -> dict:
-    """LoRA stage for one attribute value: adapters on the transformer linears (LORA_TARGETS) + its token train.
+    """LoRA stage for one attribute value: adapters on LORA_TARGETS (linears and ResBlock convs) + its token train.
 
     init="orthogonal_bases": Orthogonal Adaptation [Po et al. 2024 §3.2]: A is a fixed slice of a shared random
     orthogonal basis, disjoint for every value of the vocabulary, and only B trains; any two such adapters then
@@ -247,10 +247,10 @@ def train_lora(model: DiffusionModel, crops: NoduleCrops, attribute: str, value:
     def loss_fn(step):
         batch = random_batch(crops, cfg.batch_size, generator, device, subset=idx)
         attrs = only(batch["attrs"], model.vocab, [attribute])
-        # DEVIATION: uniform weight over t (min_snr_gamma = 0) in this stage by default. Min-SNR down-weights the
-        # high-noise steps where a nodule's overall density, i.e. its texture, is decided: at 100 steps judge
-        # accuracy went 0.25 → 0.28 (ground glass) and 0.16 → 0.28 (spiculated) from γ = 5, lr 2e-3 to γ = 0,
-        # lr 5e-3 (benchmarks/RESULTS.md, "LoRA reach"; n = 32 each, so ±0.08).
+        # DEVIATION: uniform weight over t (min_snr_gamma = 0) in this stage by default. Min-SNR-5 down-weights
+        # the low-noise steps where a margin's fine detail is drawn: with LoCon targets, lr 2e-3, 200 steps and
+        # DDIM-50 η = 1 the spiculated LoRA scored 0.59 with γ = 5 and 1.00 with γ = 0, ground glass 0.81 and
+        # 0.84 (benchmarks/RESULTS.md, "LoRA reach"; n = 32 each, so ±0.08).
         return denoising_loss(model, scheduler, batch, model.diffusion.mask_weight, generator, attrs,
                               min_snr_gamma), {}
 

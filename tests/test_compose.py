@@ -146,7 +146,7 @@ def test_klora_toy():
 
 
 def test_ziplora_penalty():
-    layer = lora.LoRALinear(nn.Linear(4, 3))
+    layer = lora.LoRALayer(nn.Linear(4, 3))
     layer.add_adapter("tex", 2, 2), layer.add_adapter("mar", 2, 2)
     layer.add_merger("tex"), layer.add_merger("mar")
     with torch.no_grad():

@@ -336,7 +336,7 @@ def test_every_flag_of_every_script_has_a_help_line(script, capsys):
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps help lines
     assert "Examples:" in text
     expected = {"train": "--lora_rank LORA_RANK LoRA rank r of every adapter",
-                "sample": "--eta ETA DDIM η (0 = deterministic",
+                "sample": "--eta ETA DDIM η (1 = DDPM-like, the default",
                 "eval_detect": "--low_data LOW_DATA keep only this many real training images"}[script]
     assert expected in text  # the field comment is the flag's help line
     configs = {"train": module.CONFIGS if script == "train" else (),

@@ -48,7 +48,7 @@ def randomise_B(model, name, seed=0):
 
 def make_layer(seed=0, r=3, alpha=6.0):
     torch.manual_seed(seed)
-    layer = lora.LoRALinear(nn.Linear(10, 7))
+    layer = lora.LoRALayer(nn.Linear(10, 7))
     layer.add_adapter("a", r=r, alpha=alpha)
     with torch.no_grad():
         layer.lora_B["a"].normal_()
@@ -58,7 +58,7 @@ def make_layer(seed=0, r=3, alpha=6.0):
 def test_zero_init_adapter_equals_base():
     torch.manual_seed(0)
     base = nn.Linear(10, 7)
-    layer = lora.LoRALinear(copy.deepcopy(base))
+    layer = lora.LoRALayer(copy.deepcopy(base))
     layer.add_adapter("a", r=4, alpha=4)
     x = torch.randn(5, 3, 10)
     assert torch.equal(layer(x), base(x))  # B = 0 ⇒ ΔW = 0 exactly
@@ -138,7 +138,7 @@ def test_inject_suffix_rule_and_second_adapter():
     names = lora.inject_lora(model, ["attn2.to_k", "to_out"], "a", r=2, alpha=2)
     assert names == sorted([f"blocks.{i}.attn2.to_k" for i in range(2)]
                            + [f"blocks.{i}.attn{j}.to_out" for i in range(2) for j in (1, 2)])
-    assert not isinstance(model.blocks[0]["attn1"].to_k, lora.LoRALinear)  # "attn2.to_k" is not a suffix of it
+    assert not isinstance(model.blocks[0]["attn1"].to_k, lora.LoRALayer)  # "attn2.to_k" is not a suffix of it
     again = lora.inject_lora(model, ["to_k"], "b", r=3, alpha=3)
     assert len(again) == 4
     wrapped = model.blocks[1]["attn2"].to_k
@@ -295,7 +295,7 @@ def test_orthogonality_loss_gradient_flows_to_adapters():
 
 
 def test_fixed_orthogonal_basis_adapter_freezes_A():
-    layer = lora.LoRALinear(nn.Linear(12, 4))
+    layer = lora.LoRALayer(nn.Linear(12, 4))
     A = lora.orthogonal_bases(12, 3, 2, seed=0)[1]
     layer.add_adapter("a", r=3, alpha=3, A_init=A, train_A=False)
     assert torch.equal(layer.lora_A["a"], A) and not layer.lora_A["a"].requires_grad
@@ -344,3 +344,95 @@ def test_peft_parity():
     lin = compose.peft_linear([{"to_k": layer.factors("mar")}, {"to_k": layer.factors("cal")}], [0.6, -1.1])
     A, B = lin["to_k"]
     torch.testing.assert_close(B @ A, peft_layer.get_delta_weight("lin"), atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- convolution adapters (LoCon)
+
+class ConvNet(nn.Module):
+    """A strided 3×3 conv, a 1×1 conv, and an Identity named like a target (which injection must pass over)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 5, 3, stride=2, padding=1)
+        self.conv2 = nn.Conv2d(5, 4, 1)
+        self.skip = nn.Identity()
+
+    def forward(self, x):  # (N, 3, H, W) → (N, 4, H/2, W/2)
+        return self.conv2(torch.tanh(self.skip(self.conv1(x))))
+
+
+def test_conv_adapter_equals_conv_with_delta_weight_with_merger():
+    torch.manual_seed(0)
+    layer = lora.LoRALayer(nn.Conv2d(3, 5, 3, stride=2, padding=1))
+    layer.add_adapter("a", r=2, alpha=4.0)
+    layer.add_merger("a")
+    assert (layer.in_features, layer.out_features) == (27, 5)  # D_in = C_in·kh·kw
+    with torch.no_grad():
+        layer.lora_B["a"].normal_()
+        layer.lora_m["a"].uniform_(0.0, 2.0)
+    A, B, m = layer.lora_A["a"], layer.lora_B["a"], layer.lora_m["a"]
+    delta = 2.0 * B @ A @ torch.diag(m)  # (5, 27), s = α/r = 2
+    torch.testing.assert_close(layer.delta_weight("a"), delta)
+    x = torch.randn(2, 3, 9, 9)
+    expected = nn.functional.conv2d(x, layer.base.weight + delta.view(5, 3, 3, 3), layer.base.bias, 2, 1)
+    torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
+    unmerged, W0 = layer(x), layer.base.weight.detach().clone()
+    layer.merge()
+    torch.testing.assert_close(layer(x), unmerged, atol=1e-5, rtol=1e-5)
+    layer.unmerge()
+    assert torch.equal(layer.base.weight, W0)
+
+
+def test_conv_injection_skips_non_conv_and_refuses_grouped():
+    model = ConvNet()
+    assert lora.inject_lora(model, ["conv1", "conv2", "skip"], "a", r=2, alpha=2) == ["conv1", "conv2"]
+    with pytest.raises(DataError, match="Conv2d"):
+        lora.LoRALayer(nn.Conv2d(4, 4, 3, groups=2))
+    with pytest.raises(DataError, match="Conv2d"):
+        lora.LoRALayer(nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"))
+
+
+def test_conv_adapter_file_round_trip_and_orthogonal_bases(tmp_path):
+    torch.manual_seed(0)
+    model = ConvNet()
+    lora.inject_lora(model, ["conv1", "conv2"], "a", r=2, alpha=2)
+    randomise_B(model, "a")
+    x = torch.randn(2, 3, 8, 8)
+    expected = model(x)
+    fp = lora.fingerprint_state_dict(lora.base_state_dict(model))
+    lora.save_adapter(tmp_path / "a.pt", model, "a", fp, {})
+    fresh = ConvNet()
+    fresh.load_state_dict(lora.base_state_dict(model))
+    lora.load_adapter(tmp_path / "a.pt", fresh, "a", fp)
+    torch.testing.assert_close(fresh(x), expected)
+    # disjoint orthogonal input bases give ⟨ΔW_i, ΔW_j⟩_F = 0 on a kernel as on a matrix [OrthoAdapt]
+    bases = lora.orthogonal_bases(27, 3, 2, seed=0)
+    layer = lora.LoRALayer(nn.Conv2d(3, 5, 3, padding=1))
+    for name, A in zip("bc", bases):
+        layer.add_adapter(name, r=3, alpha=3, A_init=A, train_A=False)
+        with torch.no_grad():
+            layer.lora_B[name].normal_()
+    factors = [{"conv": layer.factors(n)} for n in "bc"]
+    assert float(lora.orthogonality_loss(factors)) < 1e-10
+
+
+def test_peft_parity_conv():
+    peft = oracle("peft", reason="peft is the LoRA oracle")
+    torch.manual_seed(0)
+    model = ConvNet()
+    ours = copy.deepcopy(model)
+    config = peft.LoraConfig(r=3, lora_alpha=6, target_modules=["conv1", "conv2"], lora_dropout=0.0)
+    peft_model = peft.get_peft_model(copy.deepcopy(model), config, adapter_name="tex")
+    lora.inject_lora(ours, ["conv1", "conv2"], "tex", r=3, alpha=6)
+    with torch.no_grad():
+        for name in ("conv1", "conv2"):
+            theirs, mine = getattr(peft_model.base_model.model, name), getattr(ours, name)
+            theirs.lora_B["tex"].weight.normal_()
+            mine.lora_A["tex"].copy_(theirs.lora_A["tex"].weight.flatten(1))  # (r, C_in, kh, kw) → (r, D_in)
+            mine.lora_B["tex"].copy_(theirs.lora_B["tex"].weight.flatten(1))  # (C_out, r, 1, 1) → (C_out, r)
+            torch.testing.assert_close(mine.active_delta(), theirs.get_delta_weight("tex"))
+    x = torch.randn(2, 3, 10, 10)
+    torch.testing.assert_close(ours(x), peft_model(x), atol=1e-5, rtol=1e-5)
+    lora.merge(ours)
+    peft_model.merge_adapter()
+    torch.testing.assert_close(ours.conv1.base.weight, peft_model.base_model.model.conv1.base_layer.weight)

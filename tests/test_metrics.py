@@ -343,3 +343,15 @@ def test_dice_edge_cases():
     assert metrics.dice(torch.tensor(a, dtype=torch.uint8), torch.tensor(b)) == 0.5
     with pytest.raises(ValueError):
         metrics.dice(a, np.zeros((3, 3)))
+
+
+def test_mean_abs_laplacian_analytic():
+    ys, xs = np.mgrid[0:8, 0:8].astype(float)
+    inner = np.zeros((1, 1, 8, 8))
+    inner[..., 1:-1, 1:-1] = 1.0  # away from the zero padding
+    assert metrics.mean_abs_laplacian((0.3 * xs + 0.1 * ys)[None, None], inner) == pytest.approx(0.0, abs=1e-12)
+    checker = np.where((xs + ys) % 2 == 0, 1.0, -1.0)[None, None]  # each neighbour differs by 2: |∇²| = 8
+    assert metrics.mean_abs_laplacian(checker, inner) == pytest.approx(8.0)
+    quadratic = (xs ** 2)[None, None]  # ∇²(x²) = 2
+    assert metrics.mean_abs_laplacian(torch.tensor(quadratic), torch.tensor(inner)) == pytest.approx(2.0)
+
