@@ -34,7 +34,7 @@ from nodule_diffusion.data import DEFAULT_VOCAB, NoduleCrops  # noqa: E402
 from nodule_diffusion.diffusion import DiffusionConfig, DiffusionModel, loop_state_dict  # noqa: E402
 from nodule_diffusion.evaluation import JudgeSettings, train_attribute_judge  # noqa: E402
 from nodule_diffusion.judge import attribute_accuracy  # noqa: E402
-from nodule_diffusion.synthesis import generate_for, triplet_grid  # noqa: E402
+from nodule_diffusion.synthesis import SAMPLE_ETA, SAMPLE_STEPS, generate_for, triplet_grid  # noqa: E402
 from nodule_diffusion.training import LoopConfig  # noqa: E402
 from nodule_diffusion.unet import UNetConfig  # noqa: E402
 
@@ -111,14 +111,17 @@ def lora_accuracy(base_state, crops, test, judge, name, config, steps, out: Path
     attrs_all = test.get(torch.arange(len(test)))["attrs"]
     lacking = torch.nonzero(attrs_all[:, k] != v).flatten()[:32].tolist()
     attrs = diffusion.attr_tensor({attribute: value}, DEFAULT_VOCAB, len(lacking), "cpu")
-    batch, x0 = generate_for(model, test, lacking, attrs)
-    generated = batch["context"] + batch["region"] * x0
-    accuracy = float((judge.predict(generated)[:, k] == v).float().mean())
-    triplet_grid(batch, x0, out / f"lora_{tag}_{name}.png", [value] * len(lacking))
-    speckle = mean_abs_laplacian(generated, batch["region"])
-    print(tag, name, accuracy, seconds, round(speckle, 4), flush=True)
-    return {"accuracy": accuracy, "train_s": seconds, "speckle": speckle,
-            "speckle_real": mean_abs_laplacian(batch["x0"], batch["region"])}
+    entry = {"train_s": seconds, "sampler": f"ddim{SAMPLE_STEPS}_eta{SAMPLE_ETA:g}"}
+    for suffix, steps_, eta in (("", SAMPLE_STEPS, SAMPLE_ETA), ("_ddim25_eta0", 25, 0.0)):  # default, old default
+        batch, x0 = generate_for(model, test, lacking, attrs, steps_, 0, "ddim", eta)
+        generated = batch["context"] + batch["region"] * x0
+        entry[f"accuracy{suffix}"] = float((judge.predict(generated)[:, k] == v).float().mean())
+        entry[f"speckle{suffix}"] = mean_abs_laplacian(generated, batch["region"])
+        if not suffix:
+            triplet_grid(batch, x0, out / f"lora_{tag}_{name}.png", [value] * len(lacking))
+    entry["speckle_real"] = mean_abs_laplacian(batch["x0"], batch["region"])
+    print(tag, name, json.dumps(entry), flush=True)
+    return entry
 
 
 def full_finetune(model, crops, attribute: str, value: str, loop: LoopConfig) -> None:
@@ -196,7 +199,27 @@ def main() -> None:
     if args.phase == "curve":
         results["curve"] = {**results.get("curve", {}), **curve_phase(args, crops, test, judge, args.out_dir)}
     path.write_text(json.dumps(results, indent=1))
-    print(f"wrote {path}")
+    (args.out_dir / "results.md").write_text(markdown(results))
+    print(f"wrote {path} and results.md")
+
+
+def markdown(results: dict) -> str:
+    """The LoRA and curve tables of RESULTS.md, from results.json (entries without "sampler" are from before the
+    sampler default changed: DDIM-25 η = 0)."""
+    lines = [f"Judge accuracy on held-out real crops: {json.dumps(results.get('judge_real_accuracy'))}", "",
+             "| set-up / steps | value | accuracy (sampler) | accuracy DDIM-25 η=0 | speckle gen / real | train s |",
+             "|---|---|---|---|---|---|"]
+    rows = [(k, e) for k, e in results.get("lora", {}).items() if isinstance(e, dict) and "accuracy" in e]
+    rows += [(k, e) for k, e in results.get("curve", {}).items()]
+    for key, e in rows:
+        setup, _, name = key.rpartition("/")
+        old = "sampler" not in e
+        cells = [f"{e['accuracy']:.3f} ({'ddim25_eta0' if old else e['sampler']})",
+                 f"{e['accuracy']:.3f}" if old else f"{e['accuracy_ddim25_eta0']:.3f}",
+                 f"{e['speckle']:.3f} / {e['speckle_real']:.3f}" if "speckle" in e else "–",
+                 f"{e['train_s']:.0f}" + (f" (+ base {e['base_s']:.0f})" if "base_s" in e else "")]
+        lines.append(f"| {setup} | {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ def settings(quick: bool) -> dict:
                     steps=10, n_boot=50)
     return dict(n_images=400, base_steps=700, batch_size=16, lora_steps=200, compose_steps=15, cfg_steps=400,
                 per_set=12, pairs=9, det_steps=160, seeds=3, pool=90, test=120, low_data=50, judge_steps=400,
-                steps=50, n_boot=300)
+                steps=30, n_boot=300)
 
 
 def train_models(out: Path, s: dict, device: str) -> list[tuple[str, str]]:

@@ -31,8 +31,9 @@ from nodule_diffusion.schedulers import DDIMScheduler, DDPMScheduler
 from nodule_diffusion.unet import AttributeTokens, UNet, UNetConfig
 
 # Attention projections [LoRA §4.2; diffusers SD LoRA], the transformer blocks' proj_in / proj_out and feed-forward
-# (fc1, fc2), and the ResBlocks' 3×3 convolutions conv1 / conv2 as LoCon [LyCORIS §3]. DEVIATION from attention-only
-# (issue 10): texture and margin detail at 32 px is drawn by the ResBlocks, at resolutions where no attention runs.
+# (fc1, fc2), and the ResBlocks' 3×3 convolutions conv1 / conv2 as LoCon [LyCORIS §3] (design §4: "optionally
+# feed-forward and convs"). Why (issue 10): texture and margin detail at 32 px is drawn by the ResBlocks, at
+# resolutions where no attention runs.
 # At 100 CPU steps judge accuracy went 0.19 → 0.28 → 0.59 (ground glass) and 0.41 → 0.53 → 0.91 (calcified) from
 # attention-only to all linears to + convolutions (benchmarks/controllability_sweep.py; RESULTS.md, "LoRA reach").
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out", "proj_in", "proj_out", "fc1", "fc2", "conv1", "conv2")

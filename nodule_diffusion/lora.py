@@ -29,8 +29,9 @@ the matrix (D_out, D_in) = (C_out, C_in·kh·kw), so every formula below holds f
 
 Deviations
     DEVIATION: no LoRA dropout (the paper's 0.1 on GPT-3 is unneeded for our tiny adapters; add it if you need it).
-    DEVIATION: Conv2d adapters (LoCon) go beyond the paper's attention LoRA; which layers get one is
-    diffusion.LORA_TARGETS. Grouped convolutions and padding modes other than zeros are refused.
+    Conv2d adapters (LoCon) go beyond attention-only LoRA, as design §4 allows ("optionally feed-forward and
+    convs"); which layers get one is diffusion.LORA_TARGETS. Grouped convolutions and padding modes other than
+    zeros are refused.
 """
 
 from __future__ import annotations
