@@ -10,7 +10,11 @@ insertion, several seeds, low-data regime, AUC / CPM / AP@0.5 / NODE21 with pair
 
     python benchmarks/phantom_benchmark.py --out_dir runs/benchmark            # ~60 min on 2 CPU cores
     python benchmarks/phantom_benchmark.py --out_dir runs/bench_small --quick  # minutes: a smoke run
-Writes <out_dir>/benchmark.json and <out_dir>/benchmark.md (tables), plus every stage's usual files.
+    # on two cores, measure in two processes once the models exist:
+    python benchmarks/phantom_benchmark.py --out_dir runs/benchmark --skip_training --parts detection &
+    python benchmarks/phantom_benchmark.py --out_dir runs/benchmark --skip_training --parts single,controllability,diagnostics
+Writes <out_dir>/parts/<part>.json as each part ends, and <out_dir>/benchmark.json and benchmark.md (tables,
+assembled from every part there), plus every stage's usual files.
 """
 
 from __future__ import annotations
@@ -171,47 +175,95 @@ def detection(out: Path, pairs, s: dict, device) -> dict:
     return report
 
 
+PARTS = ("single", "controllability", "diagnostics", "detection")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out_dir", default="runs/benchmark")
     parser.add_argument("--quick", action="store_true", help="tiny budgets: checks that everything runs")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--skip_training", action="store_true", help="reuse the models already in --out_dir")
+    parser.add_argument("--parts", default=",".join(PARTS),
+                        help="measurements to run, comma-separated (after training, or with --skip_training); "
+                             "two processes may run different parts at once. Each part is kept in "
+                             "<out_dir>/parts/<part>.json, and benchmark.json/.md are assembled from every part "
+                             "there, e.g. --skip_training --parts detection beside --skip_training --parts "
+                             "single,controllability,diagnostics")
     args = parser.parse_args()
-    out, s, start = Path(args.out_dir), settings(args.quick), time.time()
+    parts = [x for x in args.parts.split(",") if x]
+    if set(parts) - set(PARTS):
+        raise common.DataError(f"--parts {args.parts!r}: choose from {', '.join(PARTS)}")
+    out, s = Path(args.out_dir), settings(args.quick)
     device = common.resolve_device(args.device)
-    timings = {}
     t = time.time()
-    pairs = train_models(out, s, args.device) if not args.skip_training else \
-        list(itertools.product(*(load_model(out / "base.pt", "cpu")[0].vocab[a] for a in ("texture", "margin"))))[: s["pairs"]]
-    timings["training_s"] = time.time() - t
-    t = time.time()
-    result = {"settings": s, "single": single_attribute(out, s, device)}
-    timings["single_attribute_s"] = time.time() - t
-    t = time.time()
-    result["controllability"] = controllability(out, pairs, s, device)
-    timings["controllability_s"] = time.time() - t
-    t = time.time()
-    result["diagnostics"] = diagnose_pairs(out, pairs, device)
-    timings["diagnostics_s"] = time.time() - t
-    t = time.time()
-    result["detection"] = detection(out, pairs, s, device)
-    timings["detection_s"] = time.time() - t
-    timings["total_s"] = time.time() - start
-    result["timings"] = timings
-    result["machine"] = {"platform": platform.platform(), "processor": platform.processor(),
-                         "torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device)}
+    if not args.skip_training:
+        train_models(out, s, args.device)
+        save_part(out, "training", {}, time.time() - t)
+    pairs = list(itertools.product(*(load_model(out / "base.pt", "cpu")[0].vocab[a]
+                                     for a in ("texture", "margin"))))[: s["pairs"]]
+    run = {"single": lambda: single_attribute(out, s, device),
+           "controllability": lambda: controllability(out, pairs, s, device),
+           "diagnostics": lambda: diagnose_pairs(out, pairs, device),
+           "detection": lambda: detection(out, pairs, s, device)}
+    for part in parts:
+        t = time.time()
+        save_part(out, part, run[part](), time.time() - t)
+    result = assemble(out, s, device)
     common.write_json(out / "benchmark.json", result)
     (out / "benchmark.md").write_text(markdown(result))
     print((out / "benchmark.md").read_text())
 
 
+def save_part(out: Path, part: str, value, seconds: float) -> None:
+    common.write_json(out / "parts" / f"{part}.json", {"result": value, "seconds": seconds})
+
+
+def assemble(out: Path, s: dict, device) -> dict:
+    """benchmark.json from every part measured so far (a missing part shows as "not run" in the tables)."""
+    result, timings = {"settings": s}, {}
+    for part in ("training", *PARTS):
+        path = out / "parts" / f"{part}.json"
+        if path.is_file():
+            saved = json.loads(path.read_text())
+            timings[f"{part}_s"] = saved["seconds"]
+            if part != "training":
+                result[part] = saved["result"]
+    timings["total_s"] = sum(timings.values())
+    result["timings"] = timings
+    result["machine"] = {"platform": platform.platform(), "processor": platform.processor(),
+                         "torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device)}
+    return result
+
+
 def markdown(result: dict) -> str:
     """The tables of RESULTS.md, generated from benchmark.json (numbers are never typed by hand)."""
-    sets = result["controllability"]["sets"]
-    lines = [evaluation.controllability_markdown(result["single"]),
-             "## Controllability (judge accuracy on generated nodules) and realism (FD_judge, mask Dice)", "",
-             f"Judge accuracy on its real training crops: {json.dumps(result['controllability']['judge_train_accuracy'])}",
+    lines = []
+    if "single" in result:
+        lines.append(evaluation.controllability_markdown(result["single"]))
+    if "controllability" in result:
+        lines += composition_tables(result["controllability"])
+    if "diagnostics" in result:
+        lines += ["", "## Diagnostics before / after `ortho` composition (mean over pairs)", "",
+                  "| | mean abs cos(ΔW_a, ΔW_b) | attention overlap in mask |", "|---|---|---|"]
+        for stage in ("before", "after"):
+            rows = result["diagnostics"]
+            lines.append(f"| {stage} | {np.mean([r[stage]['mean_abs_cosine'] for r in rows]):.4f} | "
+                         f"{np.mean([r[stage]['attention_overlap'] for r in rows]):.4f} |")
+    if "detection" in result:
+        lines += ["", evaluation.report_markdown(result["detection"], "Detection (low-data phantom regime)")]
+    missing = [p for p in PARTS if p not in result]
+    lines += [f"Not run: {', '.join(missing)}." if missing else "",
+              f"Timings (s): {json.dumps({k: round(v) for k, v in result['timings'].items()})}",
+              f"Machine: {json.dumps(result['machine'])}", ""]
+    return "\n".join(lines)
+
+
+def composition_tables(control: dict) -> list[str]:
+    """Pairs (mean over the 9 texture × margin pairs) per strategy, and the triple."""
+    sets = control["sets"]
+    lines = ["## Controllability (judge accuracy on generated nodules) and realism (FD_judge, mask Dice)", "",
+             f"Judge accuracy on its real training crops: {json.dumps(control['judge_train_accuracy'])}",
              "", "| strategy | pairs | texture acc | margin acc | both correct | mean FD_judge | mask Dice |",
              "|---|---|---|---|---|---|---|"]
     pair_sets = [x for x in sets if x["attributes"].count("=") == 2]
@@ -229,16 +281,7 @@ def markdown(result: dict) -> str:
             a = x["accuracy"]
             lines.append(f"| {x['strategy']} | {a['texture']:.3f} | {a['margin']:.3f} | {a['calcification']:.3f} | "
                          f"{a['all_requested']:.3f} |")
-    lines += ["", "## Diagnostics before / after `ortho` composition (mean over pairs)", "",
-              "| | mean abs cos(ΔW_a, ΔW_b) | attention overlap in mask |", "|---|---|---|"]
-    for stage in ("before", "after"):
-        rows = result["diagnostics"]
-        lines.append(f"| {stage} | {np.mean([r[stage]['mean_abs_cosine'] for r in rows]):.4f} | "
-                     f"{np.mean([r[stage]['attention_overlap'] for r in rows]):.4f} |")
-    lines += ["", evaluation.report_markdown(result["detection"], "Detection (low-data phantom regime)"),
-              f"Timings (s): {json.dumps({k: round(v) for k, v in result['timings'].items()})}",
-              f"Machine: {json.dumps(result['machine'])}", ""]
-    return "\n".join(lines)
+    return lines
 
 
 if __name__ == "__main__":
