@@ -233,5 +233,7 @@ def test_controllability_of_a_trained_lora(end_to_end):
     assert 0.0 <= result["accuracy"]["texture=solid"] <= 1.0
     assert 0.0 <= result["real_recall"]["texture=solid"] <= 1.0
     assert set(result["real_accuracy"]) == set(DEFAULT_VOCAB)
+    assert result["speckle"]["texture=solid"] > 0 and result["speckle_real"]["texture=solid"] > 0  # finite, real
     table = evaluation.controllability_markdown(result)
     assert "`texture=solid`" in table and f"{result['accuracy']['texture=solid']:.3f}" in table
+    assert f"{result['speckle']['texture=solid']:.3f} / {result['speckle_real']['texture=solid']:.3f}" in table
