@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train  # noqa: E402  (the training script's stage runner: same code path as the CLI)
 from nodule_diffusion import baselines, common, evaluation, synthesis  # noqa: E402
 from nodule_diffusion.datasets import load_records  # noqa: E402
-from nodule_diffusion.diffusion import load_model, parse_attributes  # noqa: E402
+from nodule_diffusion.diffusion import composed_path, load_model, parse_attributes  # noqa: E402
 from nodule_diffusion.data import NoduleCrops  # noqa: E402
 
 STRATEGIES = ("linear", "svd", "ties", "switch", "ziplora", "ortho")
@@ -56,37 +56,51 @@ def settings(quick: bool) -> dict:
                 steps=30, n_boot=300)
 
 
-def train_models(out: Path, s: dict, device: str) -> list[tuple[str, str]]:
-    """Base, every LoRA, ortho + ziplora compositions of the pairs, one triple, the CFG baseline."""
+TRAIN_GROUPS = ("base", "loras", "pairs", "triple", "ablations", "cfg")
+
+
+def train_models(out: Path, s: dict, device: str, groups=TRAIN_GROUPS) -> None:
+    """Base, every LoRA, ortho + ziplora compositions of the pairs, one triple, the two ortho ablations, the CFG
+    baseline. A model whose file exists is reused, so a stopped run resumes, and two processes may train
+    different `groups` at once (e.g. "pairs,triple" beside "ablations,cfg" once base and LoRAs exist)."""
     base_cfg = train.TrainConfig(out_dir=str(out), n_images=s["n_images"], device=device)
     loop = train.LoopConfig(steps=s["base_steps"], batch_size=s["batch_size"], sample_every=0,
                             checkpoint_every=max(s["base_steps"], 1))
     unet, diffusion = train.UNetConfig(attention_levels=(2,)), train.DiffusionConfig()
     ckpt = str(out / "base.pt")
-    if not (out / "base.pt").is_file():  # a rerun reuses the base model (the slowest stage)
+    if "base" in groups and not (out / "base.pt").is_file():
         train.run_stage(replace(base_cfg, stage="base"), loop, unet, diffusion)
-    train.run_stage(replace(base_cfg, stage="lora", ckpt=ckpt, all_attributes=True),
-                    replace(loop, steps=s["lora_steps"]), unet, diffusion)
     vocab = load_model(ckpt, "cpu")[0].vocab
-    pairs = list(itertools.product(vocab["texture"], vocab["margin"]))[: s["pairs"]]
-    for (tex, mar), strategy in itertools.product(pairs, ("ortho", "ziplora")):
-        train.run_stage(replace(base_cfg, stage="compose", ckpt=ckpt, strategy=strategy,
-                                attributes=f"texture={tex},margin={mar}"),
-                        replace(loop, steps=s["compose_steps"]), unet, diffusion)
-    train.run_stage(replace(base_cfg, stage="compose", ckpt=ckpt, strategy="ortho",
-                            attributes="texture=part_solid,margin=ill_defined,calcification=calcified"),
-                    replace(loop, steps=s["compose_steps"]), unet, diffusion)
-    for tag, overrides in ABLATIONS.items():
-        folder = ablation_dir(out, tag)  # a run folder of its own: the same adapters, its own compose/
-        shutil.copytree(out / "lora", folder / "lora", dirs_exist_ok=True)
-        if not (folder / "data").exists():
-            (folder / "data").symlink_to((out / "data").resolve(), target_is_directory=True)
-        for tex, mar in pairs:
-            train.run_stage(replace(base_cfg, out_dir=str(folder), stage="compose", ckpt=ckpt, strategy="ortho",
-                                    attributes=f"texture={tex},margin={mar}", **overrides),
+    if "loras" in groups:
+        for name in (f"{a}={v}" for a, values in vocab.items() for v in values):
+            if not (out / "lora" / f"{name}.pt").is_file():
+                train.run_stage(replace(base_cfg, stage="lora", ckpt=ckpt, attribute=name),
+                                replace(loop, steps=s["lora_steps"]), unet, diffusion)
+
+    def compose(folder: Path, strategy: str, attributes: str, **overrides) -> None:
+        names = [x.strip() for x in attributes.split(",")]
+        if not composed_path(folder, strategy, names).is_file():
+            train.run_stage(replace(base_cfg, out_dir=str(folder), stage="compose", ckpt=ckpt, strategy=strategy,
+                                    attributes=attributes, **overrides),
                             replace(loop, steps=s["compose_steps"]), unet, diffusion)
-    train.run_stage(replace(base_cfg, stage="cfg", ckpt=ckpt), replace(loop, steps=s["cfg_steps"]), unet, diffusion)
-    return pairs
+
+    pairs = list(itertools.product(vocab["texture"], vocab["margin"]))[: s["pairs"]]
+    if "pairs" in groups:
+        for (tex, mar), strategy in itertools.product(pairs, ("ortho", "ziplora")):
+            compose(out, strategy, f"texture={tex},margin={mar}")
+    if "triple" in groups:
+        compose(out, "ortho", "texture=part_solid,margin=ill_defined,calcification=calcified")
+    if "ablations" in groups:
+        for tag, overrides in ABLATIONS.items():
+            folder = ablation_dir(out, tag)  # a run folder of its own: the same adapters, its own compose/
+            shutil.copytree(out / "lora", folder / "lora", dirs_exist_ok=True)
+            if not (folder / "data").exists():
+                (folder / "data").symlink_to((out / "data").resolve(), target_is_directory=True)
+            for tex, mar in pairs:
+                compose(folder, "ortho", f"texture={tex},margin={mar}", **overrides)
+    if "cfg" in groups and not (out / "cfg.pt").is_file():
+        train.run_stage(replace(base_cfg, stage="cfg", ckpt=ckpt), replace(loop, steps=s["cfg_steps"]), unet,
+                        diffusion)
 
 
 def ablation_dir(out: Path, tag: str) -> Path:
@@ -184,6 +198,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny budgets: checks that everything runs")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--skip_training", action="store_true", help="reuse the models already in --out_dir")
+    parser.add_argument("--train", default=",".join(TRAIN_GROUPS),
+                        help="training groups to run (models already on disk are reused): " + ", ".join(TRAIN_GROUPS))
     parser.add_argument("--parts", default=",".join(PARTS),
                         help="measurements to run, comma-separated (after training, or with --skip_training); "
                              "two processes may run different parts at once. Each part is kept in "
@@ -198,8 +214,11 @@ def main() -> None:
     device = common.resolve_device(args.device)
     t = time.time()
     if not args.skip_training:
-        train_models(out, s, args.device)
-        save_part(out, "training", {}, time.time() - t)
+        groups = [g for g in args.train.split(",") if g]
+        if set(groups) - set(TRAIN_GROUPS):
+            raise common.DataError(f"--train {args.train!r}: choose from {', '.join(TRAIN_GROUPS)}")
+        train_models(out, s, args.device, groups)
+        save_part(out, "training_" + "_".join(groups), {}, time.time() - t)
     pairs = list(itertools.product(*(load_model(out / "base.pt", "cpu")[0].vocab[a]
                                      for a in ("texture", "margin"))))[: s["pairs"]]
     run = {"single": lambda: single_attribute(out, s, device),
@@ -222,14 +241,15 @@ def save_part(out: Path, part: str, value, seconds: float) -> None:
 def assemble(out: Path, s: dict, device) -> dict:
     """benchmark.json from every part measured so far (a missing part shows as "not run" in the tables)."""
     result, timings = {"settings": s}, {}
-    for part in ("training", *PARTS):
+    for path in sorted((out / "parts").glob("training*.json")):  # one per training process
+        timings[f"{path.stem}_s"] = json.loads(path.read_text())["seconds"]
+    for part in PARTS:
         path = out / "parts" / f"{part}.json"
         if path.is_file():
             saved = json.loads(path.read_text())
             timings[f"{part}_s"] = saved["seconds"]
-            if part != "training":
-                result[part] = saved["result"]
-    timings["total_s"] = sum(timings.values())
+            result[part] = saved["result"]
+    timings["sum_s"] = sum(timings.values())  # CPU-process seconds; parallel processes overlap in wall time
     result["timings"] = timings
     result["machine"] = {"platform": platform.platform(), "processor": platform.processor(),
                          "torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device)}
