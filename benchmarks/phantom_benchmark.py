@@ -117,18 +117,20 @@ def single_attribute(out: Path, s: dict, device) -> dict:
                                       evaluation.JudgeSettings(), device)
 
 
-def controllability(out: Path, pairs, s: dict, device) -> dict:
-    """Judge accuracy, FD_judge and Dice for every (pair, strategy), plus CFG and the triple."""
+def controllability(out: Path, pairs, s: dict, device, ablations: bool = False) -> dict:
+    """Judge accuracy, FD_judge and Dice for every (pair, strategy), plus CFG and the triple; with `ablations`,
+    for the ortho ablations instead (part "ablations", which can run as soon as their models exist)."""
     vocab = load_model(out / "base.pt", "cpu")[0].vocab
     real = load_records("phantom", out / "data", s["n_images"], 0, vocab)
     judge, real_batch, train_acc = evaluation.train_attribute_judge(real, vocab, 1.4, evaluation.JudgeSettings(
         judge_steps=s["judge_steps"]), device)
     pool = load_records("phantom", out / "data", s["per_set"], 11, vocab)
     results = {"judge_train_accuracy": train_acc, "sets": []}
-    jobs = [(f"texture={t},margin={m}", st) for (t, m), st in
-            itertools.product(pairs, (*STRATEGIES, *ABLATIONS, "cfg"))]
-    jobs.append(("texture=part_solid,margin=ill_defined,calcification=calcified", "ortho"))
-    jobs.append(("texture=part_solid,margin=ill_defined,calcification=calcified", "linear"))
+    strategies = tuple(ABLATIONS) if ablations else (*STRATEGIES, "cfg")
+    jobs = [(f"texture={t},margin={m}", st) for (t, m), st in itertools.product(pairs, strategies)]
+    if not ablations:
+        jobs.append(("texture=part_solid,margin=ill_defined,calcification=calcified", "ortho"))
+        jobs.append(("texture=part_solid,margin=ill_defined,calcification=calcified", "linear"))
     for attrs_text, strategy in jobs:
         attributes = parse_attributes(attrs_text, vocab)
         ckpt = out / ("cfg.pt" if strategy == "cfg" else "base.pt")
@@ -189,7 +191,7 @@ def detection(out: Path, pairs, s: dict, device) -> dict:
     return report
 
 
-PARTS = ("single", "controllability", "diagnostics", "detection")
+PARTS = ("single", "controllability", "ablations", "diagnostics", "detection")
 
 
 def main() -> None:
@@ -223,6 +225,7 @@ def main() -> None:
                                      for a in ("texture", "margin"))))[: s["pairs"]]
     run = {"single": lambda: single_attribute(out, s, device),
            "controllability": lambda: controllability(out, pairs, s, device),
+           "ablations": lambda: controllability(out, pairs, s, device, ablations=True),
            "diagnostics": lambda: diagnose_pairs(out, pairs, device),
            "detection": lambda: detection(out, pairs, s, device)}
     for part in parts:
@@ -262,7 +265,9 @@ def markdown(result: dict) -> str:
     if "single" in result:
         lines.append(evaluation.controllability_markdown(result["single"]))
     if "controllability" in result:
-        lines += composition_tables(result["controllability"])
+        control = result["controllability"]
+        extra = result.get("ablations", {}).get("sets", [])  # the ablation rows join the strategy table
+        lines += composition_tables({**control, "sets": control["sets"] + extra})
     if "diagnostics" in result:
         lines += ["", "## Diagnostics before / after `ortho` composition (mean over pairs)", "",
                   "| | mean abs cos(ΔW_a, ΔW_b) | attention overlap in mask |", "|---|---|---|"]

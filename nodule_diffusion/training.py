@@ -248,9 +248,9 @@ def train_lora(model: DiffusionModel, crops: NoduleCrops, attribute: str, value:
         batch = random_batch(crops, cfg.batch_size, generator, device, subset=idx)
         attrs = only(batch["attrs"], model.vocab, [attribute])
         # DEVIATION: uniform weight over t (min_snr_gamma = 0) in this stage by default. Min-SNR-5 down-weights
-        # the low-noise steps where a margin's fine detail is drawn: with LoCon targets, lr 2e-3, 200 steps and
-        # DDIM-50 η = 1 the spiculated LoRA scored 0.59 with γ = 5 and 1.00 with γ = 0, ground glass 0.81 and
-        # 0.84 (benchmarks/RESULTS.md, "LoRA reach"; n = 32 each, so ±0.08).
+        # the low-noise steps where a margin's fine detail is drawn: with all-linear targets at 100 steps judge
+        # accuracy (DDIM-25 η = 0) went 0.25 → 0.31 (ground glass) and 0.16 → 0.28 (spiculated) from γ = 5, lr 2e-3
+        # to γ = 0, lr 5e-3 (benchmarks/RESULTS.md, "LoRA reach", rows wide_*; n = 32 each, so ±0.08).
         return denoising_loss(model, scheduler, batch, model.diffusion.mask_weight, generator, attrs,
                               min_snr_gamma), {}
 
