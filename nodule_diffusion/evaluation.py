@@ -210,9 +210,10 @@ def report_markdown(report: dict, title: str) -> str:
               "| arm | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
     for name, entry in report["arms"].items():
         diffs = entry.get("diff_vs_real_only")
-        if diffs:
+        if diffs:  # by metric name: a report read back from sorted-key JSON has another key order
             lines.append(f"| {name} | " + " | ".join(
-                f"{d['estimate']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]" for d in diffs.values()) + " |")
+                f"{diffs[k]['estimate']:+.3f} [{diffs[k]['low']:+.3f}, {diffs[k]['high']:+.3f}]" for k in METRICS)
+                + " |")
     return "\n".join(lines) + "\n"
 
 
