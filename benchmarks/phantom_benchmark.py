@@ -84,7 +84,7 @@ def train_models(out: Path, s: dict, device: str, groups=TRAIN_GROUPS) -> None:
                                     attributes=attributes, **overrides),
                             replace(loop, steps=s["compose_steps"]), unet, diffusion)
 
-    pairs = list(itertools.product(vocab["texture"], vocab["margin"]))[: s["pairs"]]
+    pairs = pairs_of(vocab, s)
     if "pairs" in groups:
         for (tex, mar), strategy in itertools.product(pairs, ("ortho", "ziplora")):
             compose(out, strategy, f"texture={tex},margin={mar}")
@@ -107,9 +107,13 @@ def ablation_dir(out: Path, tag: str) -> Path:
     return out / "ablations" / tag
 
 
-def single_attribute(out: Path, s: dict, device) -> dict:
+def pairs_of(vocab: dict, s: dict) -> list[tuple[str, str]]:
+    """The texture × margin pairs the benchmark composes and measures (the first s["pairs"])."""
+    return list(itertools.product(vocab["texture"], vocab["margin"]))[: s["pairs"]]
+
+
+def single_attribute(out: Path, s: dict, device, vocab: dict) -> dict:
     """Issue 10: every single-attribute LoRA, judged on nodules generated from held-out masks lacking its value."""
-    vocab = load_model(out / "base.pt", "cpu")[0].vocab
     names = [f"{a}={v}" for a, values in vocab.items() for v in values]
     real = load_records("phantom", out / "data", s["n_images"], 0, vocab)
     test = load_records("phantom", out / "data", s["test"], 2, vocab)
@@ -117,10 +121,9 @@ def single_attribute(out: Path, s: dict, device) -> dict:
                                       evaluation.JudgeSettings(), device)
 
 
-def controllability(out: Path, pairs, s: dict, device, ablations: bool = False) -> dict:
+def controllability(out: Path, pairs, s: dict, device, vocab: dict, ablations: bool = False) -> dict:
     """Judge accuracy, FD_judge and Dice for every (pair, strategy), plus CFG and the triple; with `ablations`,
     for the ortho ablations instead (part "ablations", which can run as soon as their models exist)."""
-    vocab = load_model(out / "base.pt", "cpu")[0].vocab
     real = load_records("phantom", out / "data", s["n_images"], 0, vocab)
     judge, real_batch, train_acc = evaluation.train_attribute_judge(real, vocab, 1.4, evaluation.JudgeSettings(
         judge_steps=s["judge_steps"]), device)
@@ -155,9 +158,8 @@ def diagnose_pairs(out: Path, pairs, device) -> list[dict]:
     return rows
 
 
-def detection(out: Path, pairs, s: dict, device) -> dict:
+def detection(out: Path, pairs, s: dict, device, vocab: dict) -> dict:
     """Real-only vs + ortho synthetic vs + copy-paste vs + template, same pool images and requests."""
-    vocab = load_model(out / "base.pt", "cpu")[0].vocab
     real = evaluation.low_data_subset(load_records("phantom", out / "data", s["n_images"], 0, vocab),
                                       s["low_data"], 0)
     pool = load_records("phantom", out / "data", s["pool"], 1, vocab)
@@ -221,13 +223,13 @@ def main() -> None:
             raise common.DataError(f"--train {args.train!r}: choose from {', '.join(TRAIN_GROUPS)}")
         train_models(out, s, args.device, groups)
         save_part(out, "training_" + "_".join(groups), {}, time.time() - t)
-    pairs = list(itertools.product(*(load_model(out / "base.pt", "cpu")[0].vocab[a]
-                                     for a in ("texture", "margin"))))[: s["pairs"]]
-    run = {"single": lambda: single_attribute(out, s, device),
-           "controllability": lambda: controllability(out, pairs, s, device),
-           "ablations": lambda: controllability(out, pairs, s, device, ablations=True),
+    vocab = load_model(out / "base.pt", "cpu")[0].vocab  # read once; every part uses it
+    pairs = pairs_of(vocab, s)
+    run = {"single": lambda: single_attribute(out, s, device, vocab),
+           "controllability": lambda: controllability(out, pairs, s, device, vocab),
+           "ablations": lambda: controllability(out, pairs, s, device, vocab, ablations=True),
            "diagnostics": lambda: diagnose_pairs(out, pairs, device),
-           "detection": lambda: detection(out, pairs, s, device)}
+           "detection": lambda: detection(out, pairs, s, device, vocab)}
     for part in parts:
         t = time.time()
         save_part(out, part, run[part](), time.time() - t)
