@@ -10,7 +10,7 @@ attributes: do the nodules carry the requested attributes, and do they look real
     attribute_report    an attribute judge trained on real labelled crops scores the generated nodules
                         (per-attribute accuracy = controllability), per-attribute Fréchet distance on the judge's
                         penultimate features (FD_judge: not FID, no downloaded weights), and mask Dice of the
-                        generated nodule (|synthetic − source| thresholded) against the requested mask
+                        generated body (segmented from the added density, metrics.added_density_body) against the requested mask
 diagnose: the paper's two failure causes, before/after composition
     diagnose            per-layer cos(ΔW_a, ΔW_b) and principal angles, and the cross-attention maps of the
                         attribute tokens with their overlap inside the nodule mask (compose.py's L_attn)
@@ -22,6 +22,7 @@ Protocol: image score = max box score; FROC hit = IoU > 0.2; AP@0.5 COCO 101-poi
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -31,7 +32,8 @@ from PIL import Image, ImageDraw
 
 from nodule_diffusion import compose, datasets, lora, metrics
 from nodule_diffusion.common import atomic_path, seed_everything, write_json
-from nodule_diffusion.data import DataError, NoduleCrops, crop_at, load_record, read_image, surround_ring
+from nodule_diffusion.data import (DataError, NoduleCrops, crop_at, load_record, nodule_region, read_image,
+                                   surround_ring)
 from nodule_diffusion.detector import DetectorConfig, FasterRCNN, predict_all, train_detector
 from nodule_diffusion.diffusion import (adapter_names, attr_tensor, composed_path, load_lora, load_model,
                                         parse_attributes)
@@ -228,15 +230,44 @@ def _only_synthetic(records):
     return [replace(r, nodules=[n for n in r.nodules if n.extra.get("synthetic") == "1"]) for r in records]
 
 
-def _dice_of(nodule, image_path: Path, size: int = 32) -> float:
-    """Dice of the requested mask vs the segmentation |synthetic − source| > 30 % of its max, in a crop."""
+def _dice_of(nodule, record, spacing_mm: float, size: int = 32) -> float:
+    """Dice of the requested body mask vs the body segmented from the density the insertion added
+    (metrics.added_density_body of synthetic − source inside the regenerated region), in the model's crop window
+    (size px at spacing_mm, in the image's own pixels). NaN for a nodule without source image or mask."""
     source = nodule.extra.get("source")
     if not source or nodule.mask is None:
         return float("nan")
+    native = spacing_mm / (record.spacing_mm or spacing_mm)       # image pixels per model pixel
+    window = max(size, int(round(size * native)))
     cx, cy = (nodule.box[0] + nodule.box[2]) / 2, (nodule.box[1] + nodule.box[3]) / 2
-    diff = np.abs(crop_at(read_image(image_path), cx, cy, size)[0] - crop_at(read_image(source), cx, cy, size)[0])
-    seg = diff > max(0.3 * diff.max(), 1e-3)
-    return metrics.dice(seg, crop_at((read_image(nodule.mask) > 0).astype(np.float32), cx, cy, size)[0] > 0.5)
+    added = crop_at(read_image(record.image), cx, cy, window)[0] - crop_at(read_image(source), cx, cy, window)[0]
+    mask = crop_at((read_image(nodule.mask) > 0).astype(np.float32), cx, cy, window)[0] > 0.5
+    region = nodule_region(torch.from_numpy(mask)[None, None])[0, 0].numpy() > 0
+    return metrics.dice(metrics.added_density_body(np.maximum(added, 0), region, 1.3 * native), mask)
+
+
+def segmentation_ceiling(vocab: dict, n: int = 24, seed: int = 0, size: int = 32) -> dict:
+    """What the mask Dice can reach: per attribute value, the mean Dice of metrics.added_density_body against the
+    body mask for phantom nodules (every value combination, n each, the phantom's sizes) drawn on a flat field
+    with the phantom's pixel noise, segmented from (with nodule − without). Only for phantom vocabularies."""
+    from nodule_diffusion import phantom                            # the phantom is the only ground truth here
+    config, rng = phantom.PhantomConfig(vocab=vocab), np.random.default_rng(seed)
+    per_value: dict[str, list[float]] = {}
+    for combo in itertools.product(*vocab.values()):
+        attributes = dict(zip(vocab, combo))
+        for _ in range(n):
+            flat = np.full((size, size), 0.5, np.float32)
+            with_nodule = flat.copy()
+            diameter = rng.uniform(*config.diameter_mm) / config.spacing_mm
+            mask = phantom.draw_nodule(with_nodule, (size / 2 + rng.random(), size / 2 + rng.random()), diameter,
+                                       attributes, rng, config)
+            noise = config.noise * rng.standard_normal((2, size, size))        # independent noise in each image
+            added = np.maximum(with_nodule + noise[0] - flat - noise[1], 0)
+            region = nodule_region(torch.from_numpy(mask)[None, None])[0, 0].numpy() > 0
+            d = metrics.dice(metrics.added_density_body(added, region), mask)
+            for name, value in attributes.items():
+                per_value.setdefault(f"{name}={value}", []).append(d)
+    return {k: float(np.mean(v)) for k, v in per_value.items()}
 
 
 def train_attribute_judge(real, vocab, spacing_mm, settings: JudgeSettings, device):
@@ -278,7 +309,7 @@ def score_synthetic(judge, real: dict, synthetic, vocab, spacing_mm, crop_size: 
             a, b = real["features"][(real["attrs"][:, k] == v).numpy()], syn_feats[(s["attrs"][:, k] == v).numpy()]
             if len(a) >= 2 and len(b) >= 2:
                 fd[f"{name}={value}"] = metrics.frechet_distance(a, b)
-    dice = [_dice_of(n, rec.image, crop_size) for rec in syn for n in rec.nodules]
+    dice = [_dice_of(n, rec, spacing_mm, crop_size) for rec in syn for n in rec.nodules]
     return {"accuracy": accuracy, "frechet_distance_judge": fd,
             "mask_dice_mean": float(np.nanmean(dice)) if dice else float("nan")}, s, dice
 

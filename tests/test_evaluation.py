@@ -18,3 +18,42 @@ def test_report_markdown_columns_follow_the_header_whatever_the_key_order():
     diff_row = [line for line in table.splitlines() if line.startswith("| b |")][-1]
     cells = [c.strip().split(" ")[0] for c in diff_row.strip("|").split("|")[1:]]
     assert cells == [f"+{0.01 * (i + 1):.3f}" for i in range(len(metrics))]
+
+
+def _png(path, array):
+    import numpy as np
+    from PIL import Image
+    Image.fromarray((np.clip(array, 0, 1) * 65535).astype(np.uint16)).save(path)
+    return path
+
+
+def test_mask_dice_finds_the_inserted_body_at_any_pixel_spacing(tmp_path):
+    """_dice_of segments the density an insertion added; the window and blur follow the image's own spacing."""
+    import numpy as np
+
+    from nodule_diffusion import evaluation, phantom
+    from nodule_diffusion.data import ImageRecord, Nodule
+
+    for spacing, diameter in ((1.4, 9.0), (0.7, 18.0)):  # the same 12.6 mm nodule at two spacings
+        rng = np.random.default_rng(1)
+        source = 0.4 + 0.01 * rng.standard_normal((96, 96)).astype(np.float32)
+        synthetic = source.copy()
+        mask = phantom.draw_nodule(synthetic, (48.3, 47.6), diameter, {"texture": "ground_glass"}, rng)
+        ys, xs = np.nonzero(mask)
+        nodule = Nodule(box=(xs.min(), ys.min(), xs.max() + 1.0, ys.max() + 1.0),
+                        mask=_png(tmp_path / f"m{spacing}.png", mask.astype(float)),
+                        extra={"source": str(_png(tmp_path / f"s{spacing}.png", source))})
+        record = ImageRecord(image=_png(tmp_path / f"x{spacing}.png", synthetic), nodules=[nodule], spacing_mm=spacing)
+        assert evaluation._dice_of(nodule, record, 1.4) > 0.8
+        # a nodule inserted elsewhere (here: none at all) shows up as no overlap, not as a perfect score
+        empty = ImageRecord(image=nodule.extra["source"], nodules=[nodule], spacing_mm=spacing)
+        assert evaluation._dice_of(nodule, empty, 1.4) < 0.3
+
+
+def test_segmentation_ceiling_is_high_for_every_phantom_value():
+    """The measured Dice can only be read against what the segmentation reaches on known bodies."""
+    from nodule_diffusion import evaluation, phantom
+
+    ceiling = evaluation.segmentation_ceiling(phantom.PhantomConfig().vocab, n=4)
+    assert set(ceiling) == {f"{a}={v}" for a, values in phantom.PhantomConfig().vocab.items() for v in values}
+    assert min(ceiling.values()) > 0.75

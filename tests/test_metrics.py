@@ -355,3 +355,36 @@ def test_mean_abs_laplacian_analytic():
     quadratic = (xs ** 2)[None, None]  # ∇²(x²) = 2
     assert metrics.mean_abs_laplacian(torch.tensor(quadratic), torch.tensor(inner)) == pytest.approx(2.0)
 
+
+
+def test_otsu_threshold_matches_brute_force():
+    rng = np.random.default_rng(0)
+    for values in (rng.normal(0, 1, 50), np.r_[rng.normal(0, 0.1, 40), rng.normal(3, 0.5, 15)],
+                   rng.integers(0, 4, 30).astype(float)):
+        v, distinct = np.sort(values), np.unique(values)
+        best, best_t = -1.0, None
+        for t in (distinct[:-1] + distinct[1:]) / 2:  # every threshold between two neighbouring distinct values
+            low, high = v[v <= t], v[v > t]
+            if len(low) and len(high):
+                w0 = len(low) / len(v)
+                between = w0 * (1 - w0) * (low.mean() - high.mean()) ** 2
+                if between > best + 1e-12:
+                    best, best_t = between, t
+        assert metrics.otsu_threshold(values) == pytest.approx(best_t)
+    assert metrics.otsu_threshold(np.r_[np.zeros(10), np.ones(5)]) == pytest.approx(0.5)  # two levels: midway
+    assert metrics.otsu_threshold(np.full(5, 2.0)) == 2.0
+
+
+def test_added_density_body_recovers_a_disc_and_ignores_calcium():
+    ys, xs = np.mgrid[0:32, 0:32] + 0.5
+    r = np.hypot(xs - 16, ys - 16)
+    body = r <= 5
+    region = r <= 10
+    rng = np.random.default_rng(0)
+    for added in (0.2 * body,                                # a flat disc
+                  0.2 * body + 0.4 * (r <= 1.5),             # + bright central calcium (the max is 3× the body)
+                  0.06 * body + 0.02 * rng.standard_normal(body.shape)):   # faint and noisy (ground glass)
+        seg = metrics.added_density_body(np.maximum(added, 0), region)
+        assert metrics.dice(seg, body) > 0.9
+        assert not (seg & ~region).any()
+    assert not metrics.added_density_body(np.zeros((8, 8)), np.zeros((8, 8), bool)).any()
