@@ -55,6 +55,7 @@ FLAG_RANGES = {
                                     "lambda_orth", "lambda_attn", "lambda_zip", "min_snr_gamma", "guidance")},
     **{name: POSITIVE for name in ("lr", "lora_lr", "compose_lr", "det_lr", "lora_alpha", "mask_weight")},
     "seed": (0, 2 ** 32 - 1),  # numpy's default_rng refuses negative seeds; torch's generators take 64 bits
+    "judge_width": {8, 16, 32, 64},  # GroupNorm(min(8, C), C) needs C = width, 2·width, 4·width divisible
     "ema_decay": (0, 1), "eta": (0, 1), "cfg_dropout": (0, 1),
     "image_size": (32, MAX_IMAGE_SIDE),  # detector input side: the smallest FPN level must keep a few pixels
     "crop_size": (MIN_IMAGE_SIDE, None),
@@ -144,7 +145,7 @@ def check_ranges(config, ranges: dict | None = None) -> None:
         for item in value if isinstance(value, tuple) else (value,):
             if isinstance(rule, (set, frozenset)):
                 if item not in rule:
-                    raise DataError(f"--{f.name} {item!r}: choose one of {', '.join(sorted(rule))}")
+                    raise DataError(f"--{f.name} {item!r}: choose one of {', '.join(map(str, sorted(rule)))}")
                 continue
             lo, hi, lo_open = (*rule, None)[:3]
             number = item if isinstance(item, (int, float)) and not isinstance(item, bool) else math.nan

@@ -223,6 +223,7 @@ def report_markdown(report: dict, title: str) -> str:
 @dataclass
 class JudgeSettings:
     judge_steps: int = 1200  # optimiser steps of the attribute judge (held-out real: texture 0.85, margin 0.76)
+    judge_width: int = 16  # channels of the judge's first conv stage (8, 16, 32 or 64; features = 4·width)
     crop_size: int = 32  # judge and crop size (pixels at --spacing_mm)
 
 
@@ -270,11 +271,20 @@ def segmentation_ceiling(vocab: dict, n: int = 24, seed: int = 0, size: int = 32
     return {k: float(np.mean(v)) for k, v in per_value.items()}
 
 
+def judged_crops(judge, records, vocab, spacing_mm, crop_size: int) -> dict:
+    """The nodule crops of `records` as one batch (data.NoduleCrops.get), with the judge's features (N, D)."""
+    crops = NoduleCrops(records, vocab, crop_size, spacing_mm, augment=False)
+    r = crops.get(torch.arange(len(crops)))
+    r["features"] = judge.cpu().features(r["x0"]).numpy()
+    return r
+
+
 def train_attribute_judge(real, vocab, spacing_mm, settings: JudgeSettings, device):
     """The judge: a small CNN trained on real labelled nodule crops; returns (judge, real crops batch, train acc)."""
     real_crops = NoduleCrops(real, vocab, settings.crop_size, spacing_mm, augment=False)
     r = real_crops.get(torch.arange(len(real_crops)))
-    judge = AttributeJudge(vocab, JudgeConfig(crop_size=settings.crop_size, steps=settings.judge_steps))
+    judge = AttributeJudge(vocab, JudgeConfig(crop_size=settings.crop_size, steps=settings.judge_steps,
+                                              width=settings.judge_width))
     train_acc = train_judge(judge, r["x0"], r["attrs"], device=device)
     r["features"] = judge.cpu().features(r["x0"]).numpy()
     return judge, r, train_acc
@@ -315,10 +325,11 @@ def score_synthetic(judge, real: dict, synthetic, vocab, spacing_mm, crop_size: 
 
 
 def controllability(ckpt: str, lora_dir: Path, names: list[str], real_train, real_test, spacing_mm: float,
-                    settings: JudgeSettings, device, n: int = 32) -> dict:
+                    settings: JudgeSettings, device, n: int = 32, judge: AttributeJudge | None = None) -> dict:
     """Single-attribute control of every LoRA in `names` (issue 10), measured on held-out nodules.
 
-    1. The judge trains on real labelled crops (`real_train`) and reads images only.
+    1. The judge trains on real labelled crops (`real_train`) and reads images only; or a `judge` trained
+       before is used as given (the benchmark trains one on a larger phantom set, for every part).
     2. real_recall[a=v]: on held-out real crops (`real_test`) carrying v, the fraction the judge calls v; this bounds
        what its verdict on generated crops can show.
     3. accuracy[a=v]: base + LoRA a=v (its token on, every other attribute null) generates from the masks and
@@ -329,7 +340,8 @@ def controllability(ckpt: str, lora_dir: Path, names: list[str], real_train, rea
        the real crops of those masks (metrics.mean_abs_laplacian): what the judge's verdict cannot show.
     """
     vocab = load_model(ckpt, "cpu")[0].vocab
-    judge, _, _ = train_attribute_judge(real_train, vocab, spacing_mm, settings, device)
+    if judge is None:
+        judge, _, _ = train_attribute_judge(real_train, vocab, spacing_mm, settings, device)
     test = NoduleCrops(real_test, vocab, settings.crop_size, spacing_mm, augment=False)
     t = test.get(torch.arange(len(test)))
     pred_real, feats_real = judge.predict(t["x0"]), judge.features(t["x0"]).numpy()

@@ -221,6 +221,8 @@ CASES = {
     "eval --low_data -1": ("eval", lambda f: eval_args(f, "--low_data", "-1"), "--low_data -1"),
     "eval --judge_steps 0": ("eval", lambda f: eval_args(f, "--judge_steps", "0", command="attributes"),
                              "--judge_steps 0"),
+    "eval --judge_width 12": ("eval", lambda f: eval_args(f, "--judge_width", "12", command="attributes"),
+                              "--judge_width 12: choose one of 8, 16, 32, 64"),
     "eval --device tpu": ("eval", lambda f: eval_args(f, "--device", "tpu"), "--device tpu"),
     "eval --config misspelt key": ("eval", lambda f: eval_args(f, "--config", f["root"] / "eval_key.json"),
                                    "n_bootstrap"),
