@@ -117,7 +117,8 @@ def benchmark_judge(out: Path, s: dict, vocab: dict, device) -> AttributeJudge:
     """The one judge every part reads with, trained once on a phantom set of its own (seed 5, judge_images images)
     and kept as <out_dir>/judge.pt. The phantom can give the judge more labelled crops than the models see: with
     400 images and 1,200 steps it read margin at 0.70 on held-out crops (well-defined recall 0.49), with 1,600
-    images and 3,000 steps at 0.82 (0.75), so the tables measure the generator rather than the judge's limits."""
+    images and 3,000 steps at 0.82 (0.75), so the tables measure the generator rather than the judge's limits
+    (benchmarks/judge_budget.py; RESULTS.md "The judge's budget")."""
     path = out / "judge.pt"
     if path.is_file():
         return load_judge(path)

@@ -247,10 +247,12 @@ def _dice_of(nodule, record, spacing_mm: float, size: int = 32) -> float:
     return metrics.dice(metrics.added_density_body(np.maximum(added, 0), region, 1.3 * native), mask)
 
 
-def segmentation_ceiling(vocab: dict, n: int = 24, seed: int = 0, size: int = 32) -> dict:
-    """What the mask Dice can reach: per attribute value, the mean Dice of metrics.added_density_body against the
-    body mask for phantom nodules (every value combination, n each, the phantom's sizes) drawn on a flat field
-    with the phantom's pixel noise, segmented from (with nodule − without). Only for phantom vocabularies."""
+def segmentation_ceiling(vocab: dict, n: int = 24, seed: int = 0, size: int = 32,
+                         segment=metrics.added_density_body) -> dict:
+    """What the mask Dice can reach: per attribute value, the mean Dice of segment(added, region) (by default
+    metrics.added_density_body) against the body mask for phantom nodules (every value combination, n each, the
+    phantom's sizes) drawn on a flat field with the phantom's pixel noise, segmented from (with nodule − without).
+    Only for phantom vocabularies."""
     from nodule_diffusion import phantom                            # the phantom is the only ground truth here
     config, rng = phantom.PhantomConfig(vocab=vocab), np.random.default_rng(seed)
     per_value: dict[str, list[float]] = {}
@@ -265,7 +267,7 @@ def segmentation_ceiling(vocab: dict, n: int = 24, seed: int = 0, size: int = 32
             noise = config.noise * rng.standard_normal((2, size, size))        # independent noise in each image
             added = np.maximum(with_nodule + noise[0] - flat - noise[1], 0)
             region = nodule_region(torch.from_numpy(mask)[None, None])[0, 0].numpy() > 0
-            d = metrics.dice(metrics.added_density_body(added, region), mask)
+            d = metrics.dice(segment(added, region), mask)
             for name, value in attributes.items():
                 per_value.setdefault(f"{name}={value}", []).append(d)
     return {k: float(np.mean(v)) for k, v in per_value.items()}

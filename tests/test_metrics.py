@@ -388,3 +388,13 @@ def test_added_density_body_recovers_a_disc_and_ignores_calcium():
         assert metrics.dice(seg, body) > 0.9
         assert not (seg & ~region).any()
     assert not metrics.added_density_body(np.zeros((8, 8)), np.zeros((8, 8), bool)).any()
+
+
+def test_gaussian_blur_keeps_shape_and_mass():
+    impulse = np.zeros((21, 21))
+    impulse[10, 10] = 1.0
+    blurred = metrics._gaussian_blur(impulse, 1.3)
+    assert blurred.shape == impulse.shape and blurred.sum() == pytest.approx(1.0)  # far from the edges
+    ys, xs = np.mgrid[0:21, 0:21] - 10
+    assert (blurred * (xs ** 2)).sum() == pytest.approx(1.3 ** 2, rel=0.02)   # variance σ² along each axis
+    assert metrics._gaussian_blur(np.ones((3, 3)), 1.3).shape == (3, 3)      # kernel wider than the array

@@ -1,0 +1,70 @@
+"""Judge one attribute LoRA of a run with a judge saved before (e.g. the phantom benchmark's judge.pt).
+
+Base + LoRA a=v (its token on, every other attribute null, merged) generates from the masks and contexts of up
+to --n held-out phantom nodules that lack v (seed 2, as `evaluation.controllability`), with the default sampler
+(DDIM-50, η = 1); prints the fraction the judge calls v, the judge's recall of v on the real crops, and the
+speckle figure (mean |∇²| in the region) of generated and real crops. One judge for several runs makes their
+figures comparable; --weights scales the adapter (LoRA strength) for a sweep.
+
+Examples:
+    python benchmarks/judge_adapter.py --run runs/demo --judge runs/benchmark/judge.pt --adapter texture=ground_glass
+    python benchmarks/judge_adapter.py --run runs/demo --judge runs/benchmark/judge.pt \\
+        --adapter texture=ground_glass --n 200 --weights 1,1.5,2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from nodule_diffusion import lora, metrics  # noqa: E402
+from nodule_diffusion.data import NoduleCrops  # noqa: E402
+from nodule_diffusion.datasets import load_records  # noqa: E402
+from nodule_diffusion.diffusion import attr_tensor, load_lora, load_model, parse_attributes  # noqa: E402
+from nodule_diffusion.judge import load_judge  # noqa: E402
+from nodule_diffusion.synthesis import generate_for  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", required=True, help="a train.py output folder: base.pt and lora/<adapter>.pt")
+    parser.add_argument("--judge", required=True, help="a judge file (judge.save_judge), same vocabulary")
+    parser.add_argument("--adapter", required=True, help="attribute=value, e.g. texture=ground_glass")
+    parser.add_argument("--n", type=int, default=32, help="held-out nodules lacking the value to generate from")
+    parser.add_argument("--n_test", type=int, default=120, help="held-out phantom images (seed 2)")
+    parser.add_argument("--weights", default="1", help="adapter strengths, comma-separated")
+    args = parser.parse_args()
+    run, judge = Path(args.run), load_judge(args.judge)
+    vocab = judge.vocab
+    (attribute, value), = parse_attributes(args.adapter, vocab).items()
+    test = NoduleCrops(load_records("phantom", run / "data", args.n_test, 2, vocab), vocab, 32, 1.4, augment=False)
+    t = test.get(torch.arange(len(test)))
+    k, v = list(vocab).index(attribute), vocab[attribute].index(value)
+    lacking = torch.nonzero(t["attrs"][:, k] != v).flatten()[:args.n].tolist()
+    carrying = t["attrs"][:, k] == v
+    result = {"run": str(run), "adapter": args.adapter, "n": len(lacking),
+              "real_recall": float((judge.predict(t["x0"])[carrying, k] == v).float().mean()), "by_weight": {}}
+    for weight in (float(w) for w in args.weights.split(",")):
+        model, payload = load_model(str(run / "base.pt"), "cpu")
+        load_lora(run / "lora" / f"{args.adapter}.pt", model, payload["fingerprint"], args.adapter)
+        lora.set_active(model.unet, [args.adapter], [weight])
+        lora.merge(model.unet)
+        model.eval()
+        batch, x0 = generate_for(model, test, lacking, attr_tensor({attribute: value}, vocab, len(lacking), "cpu"))
+        generated = batch["context"] + batch["region"] * x0  # what insertion keeps: (B, 1, S, S)
+        pred = judge.predict(generated)[:, k]
+        result["by_weight"][weight] = {
+            "accuracy": float((pred == v).float().mean()),
+            "predicted": dict(zip(vocab[attribute], torch.bincount(pred, minlength=len(vocab[attribute])).tolist())),
+            "speckle": metrics.mean_abs_laplacian(generated, batch["region"]),
+            "speckle_real": metrics.mean_abs_laplacian(batch["x0"], batch["region"])}
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
