@@ -4,12 +4,16 @@ Base + LoRA a=v (its token on, every other attribute null, merged) generates fro
 to --n held-out phantom nodules that lack v (seed 2, as `evaluation.controllability`), with the default sampler
 (DDIM-50, η = 1); prints the fraction the judge calls v, the judge's recall of v on the real crops, and the
 speckle figure (mean |∇²| in the region) of generated and real crops. One judge for several runs makes their
-figures comparable; --weights scales the adapter (LoRA strength) for a sweep.
+figures comparable; --weights scales the adapters (LoRA strength) for a sweep. With several adapters
+(--adapter a=v,b=w) their ΔW are summed (the `linear` strategy) and their tokens are on together; the nodules
+are chosen by the first one, and the judge's verdict is reported for each.
 
 Examples:
     python benchmarks/judge_adapter.py --run runs/demo --judge runs/benchmark/judge.pt --adapter texture=ground_glass
     python benchmarks/judge_adapter.py --run runs/demo --judge runs/benchmark/judge.pt \\
         --adapter texture=ground_glass --n 200 --weights 1,1.5,2
+    python benchmarks/judge_adapter.py --run runs/demo --judge runs/benchmark/judge.pt \\
+        --adapter texture=ground_glass,calcification=none --n 200
 """
 
 from __future__ import annotations
@@ -34,33 +38,38 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, help="a train.py output folder: base.pt and lora/<adapter>.pt")
     parser.add_argument("--judge", required=True, help="a judge file (judge.save_judge), same vocabulary")
-    parser.add_argument("--adapter", required=True, help="attribute=value, e.g. texture=ground_glass")
+    parser.add_argument("--adapter", required=True, help="attribute=value[,attribute=value...], e.g. "
+                        "texture=ground_glass or texture=ground_glass,calcification=none")
     parser.add_argument("--n", type=int, default=32, help="held-out nodules lacking the value to generate from")
     parser.add_argument("--n_test", type=int, default=120, help="held-out phantom images (seed 2)")
     parser.add_argument("--weights", default="1", help="adapter strengths, comma-separated")
     args = parser.parse_args()
     run, judge = Path(args.run), load_judge(args.judge)
     vocab = judge.vocab
-    (attribute, value), = parse_attributes(args.adapter, vocab).items()
+    requested = parse_attributes(args.adapter, vocab)                   # {attribute: value}, first one leads
+    names = [f"{a}={v}" for a, v in requested.items()]
     test = NoduleCrops(load_records("phantom", run / "data", args.n_test, 2, vocab), vocab, 32, 1.4, augment=False)
     t = test.get(torch.arange(len(test)))
-    k, v = list(vocab).index(attribute), vocab[attribute].index(value)
+    columns = {name: (list(vocab).index(a), vocab[a].index(v)) for name, (a, v) in zip(names, requested.items())}
+    k, v = columns[names[0]]
     lacking = torch.nonzero(t["attrs"][:, k] != v).flatten()[:args.n].tolist()
     carrying = t["attrs"][:, k] == v
-    result = {"run": str(run), "adapter": args.adapter, "n": len(lacking),
+    result = {"run": str(run), "adapters": names, "n": len(lacking),
               "real_recall": float((judge.predict(t["x0"])[carrying, k] == v).float().mean()), "by_weight": {}}
     for weight in (float(w) for w in args.weights.split(",")):
         model, payload = load_model(str(run / "base.pt"), "cpu")
-        load_lora(run / "lora" / f"{args.adapter}.pt", model, payload["fingerprint"], args.adapter)
-        lora.set_active(model.unet, [args.adapter], [weight])
-        lora.merge(model.unet)
+        for name in names:
+            load_lora(run / "lora" / f"{name}.pt", model, payload["fingerprint"], name)
+        lora.set_active(model.unet, names, [weight] * len(names))
+        lora.merge(model.unet)                                          # Σ_i w·ΔW_i folded into the weights
         model.eval()
-        batch, x0 = generate_for(model, test, lacking, attr_tensor({attribute: value}, vocab, len(lacking), "cpu"))
+        batch, x0 = generate_for(model, test, lacking, attr_tensor(requested, vocab, len(lacking), "cpu"))
         generated = batch["context"] + batch["region"] * x0  # what insertion keeps: (B, 1, S, S)
-        pred = judge.predict(generated)[:, k]
+        pred = judge.predict(generated)
+        attribute = names[0].split("=")[0]
         result["by_weight"][weight] = {
-            "accuracy": float((pred == v).float().mean()),
-            "predicted": dict(zip(vocab[attribute], torch.bincount(pred, minlength=len(vocab[attribute])).tolist())),
+            "accuracy": {name: float((pred[:, kk] == vv).float().mean()) for name, (kk, vv) in columns.items()},
+            "predicted": dict(zip(vocab[attribute], torch.bincount(pred[:, k], minlength=len(vocab[attribute])).tolist())),
             "speckle": metrics.mean_abs_laplacian(generated, batch["region"]),
             "speckle_real": metrics.mean_abs_laplacian(batch["x0"], batch["region"])}
     print(json.dumps(result, indent=1))
