@@ -66,10 +66,10 @@ def main() -> None:
         batch, x0 = generate_for(model, test, lacking, attr_tensor(requested, vocab, len(lacking), "cpu"))
         generated = batch["context"] + batch["region"] * x0  # what insertion keeps: (B, 1, S, S)
         pred = judge.predict(generated)
-        attribute = names[0].split("=")[0]
+        values = vocab[names[0].split("=")[0]]
         result["by_weight"][weight] = {
             "accuracy": {name: float((pred[:, kk] == vv).float().mean()) for name, (kk, vv) in columns.items()},
-            "predicted": dict(zip(vocab[attribute], torch.bincount(pred[:, k], minlength=len(vocab[attribute])).tolist())),
+            "predicted": dict(zip(values, torch.bincount(pred[:, k], minlength=len(values)).tolist())),
             "speckle": metrics.mean_abs_laplacian(generated, batch["region"]),
             "speckle_real": metrics.mean_abs_laplacian(batch["x0"], batch["region"])}
     print(json.dumps(result, indent=1))

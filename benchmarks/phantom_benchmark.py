@@ -133,8 +133,9 @@ def single_attribute(out: Path, s: dict, device, vocab: dict) -> dict:
     """Issue 10: every single-attribute LoRA, judged on nodules generated from held-out masks lacking its value."""
     names = [f"{a}={v}" for a, values in vocab.items() for v in values]
     test = load_records("phantom", out / "data", s["test"], 2, vocab)
+    judge = benchmark_judge(out, s, vocab, device)
     result = evaluation.controllability(str(out / "base.pt"), out / "lora", names, [], test, 1.4,
-                                        evaluation.JudgeSettings(), device, judge=benchmark_judge(out, s, vocab, device))
+                                        evaluation.JudgeSettings(), device, judge=judge)
     result["dice_ceiling"] = evaluation.segmentation_ceiling(vocab)  # what the mask Dice can reach
     return result
 

@@ -10,7 +10,8 @@ attributes: do the nodules carry the requested attributes, and do they look real
     attribute_report    an attribute judge trained on real labelled crops scores the generated nodules
                         (per-attribute accuracy = controllability), per-attribute Fréchet distance on the judge's
                         penultimate features (FD_judge: not FID, no downloaded weights), and mask Dice of the
-                        generated body (segmented from the added density, metrics.added_density_body) against the requested mask
+                        generated body (segmented from the added density, metrics.added_density_body) against
+                        the requested mask, beside what that segmentation reaches (segmentation_ceiling)
 diagnose: the paper's two failure causes, before/after composition
     diagnose            per-layer cos(ΔW_a, ΔW_b) and principal angles, and the cross-attention maps of the
                         attribute tokens with their overlap inside the nodule mask (compose.py's L_attn)
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from nodule_diffusion import compose, datasets, lora, metrics
+from nodule_diffusion import compose, datasets, lora, metrics, phantom
 from nodule_diffusion.common import atomic_path, seed_everything, write_json
 from nodule_diffusion.data import (DataError, NoduleCrops, crop_at, load_record, nodule_region, read_image,
                                    surround_ring)
@@ -253,7 +254,6 @@ def segmentation_ceiling(vocab: dict, n: int = 24, seed: int = 0, size: int = 32
     metrics.added_density_body) against the body mask for phantom nodules (every value combination, n each, the
     phantom's sizes) drawn on a flat field with the phantom's pixel noise, segmented from (with nodule − without).
     Only for phantom vocabularies."""
-    from nodule_diffusion import phantom                            # the phantom is the only ground truth here
     config, rng = phantom.PhantomConfig(vocab=vocab), np.random.default_rng(seed)
     per_value: dict[str, list[float]] = {}
     for combo in itertools.product(*vocab.values()):

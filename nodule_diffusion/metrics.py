@@ -436,7 +436,7 @@ def otsu_threshold(values) -> float:
 
 
 def _gaussian_blur(x: np.ndarray, sigma: float) -> np.ndarray:
-    """Separable Gaussian blur of an (H, W) array, σ in px, kernel radius ⌈3σ⌉, zero padding (density outside = 0)."""
+    """Separable Gaussian blur of an (H, W) array: σ in px, kernel radius ⌈3σ⌉, zero padding (no density outside)."""
     radius = max(1, int(np.ceil(3 * sigma)))
     taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
     taps /= taps.sum()
