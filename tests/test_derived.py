@@ -391,3 +391,34 @@ def test_caller_errors(tmp_path):
         derived.write_derived(flat, read_image(flat), read_image(flat), np.ones((8, 8), bool), tmp_path / "f.mha")
     assert not (tmp_path / "a.png").exists() and not (tmp_path / "f.mha").exists()
     assert derived.derived_suffix(source) == ".png" and derived.derived_suffix(flat) == ".mha"
+
+
+@pytest.mark.parametrize("spacing", [1.4, 0.7, 0.35])
+def test_insertion_into_a_monochrome1_cr_never_darkens(tmp_path, spacing):
+    """Issue 10 on the DICOM path: a MONOCHROME1 CR (dense = low stored value) at the model's spacing and finer
+    ones, a generator that returns crops darker than the lung, six nodules (some close enough for one's halo to
+    reach another's ring), and the written derived DICOM: no inserted nodule is darker than the ring around it,
+    no pixel of the displayed image is darker than the source, and the nodules are there."""
+    import torch
+    from PIL import Image as PILImage
+
+    from nodule_diffusion import evaluation, phantom, synthesis
+    from nodule_diffusion.data import ImageRecord
+
+    image, _, _ = phantom.make_image(phantom.image_rng(3, 0), phantom.PhantomConfig(negative_fraction=1.0))
+    side = round(256 * 1.4 / spacing)
+    image = np.asarray(PILImage.fromarray(image).resize((side, side), PILImage.BILINEAR))  # 1.4 mm/px → spacing
+    stored = np.round((1.0 - np.clip(image, 0, 1)) * 4095).astype(np.uint16)             # MONOCHROME1: inverted
+    source = make_dicom(tmp_path / "cr.dcm", stored, "MONOCHROME1", 12, PixelSpacing=[spacing, spacing])
+
+    def darker(masks, contexts, requests, originals=None):  # context is 0 inside the region: a dark hole there
+        noise = torch.randn(masks.shape, generator=torch.Generator().manual_seed(0))
+        return (contexts - 0.6 * masks + 0.2 * noise).clamp(-1, 1)
+    out = synthesis.synthesize([ImageRecord(image=source, spacing_mm=spacing)], darker, tmp_path / "syn",
+                               phantom.PhantomConfig().vocab, 1.4, 32, {"texture": "ground_glass"}, 6, (8.0, 16.0), 0)
+    written = out[0].image
+    assert written.suffix == ".dcm"
+    check = evaluation.density_check(out)
+    assert check["n_inserted"] == 6 and check["n_darker_than_ring"] == 0, check
+    before, after = read_image(source), read_image(written)
+    assert (after >= before - 1e-6).all() and (after > before + 1e-3).any()
