@@ -26,12 +26,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from nodule_diffusion import lora, metrics  # noqa: E402
+from nodule_diffusion import metrics  # noqa: E402
 from nodule_diffusion.data import NoduleCrops  # noqa: E402
 from nodule_diffusion.datasets import load_records  # noqa: E402
-from nodule_diffusion.diffusion import attr_tensor, load_lora, load_model, parse_attributes  # noqa: E402
+from nodule_diffusion.diffusion import parse_attributes  # noqa: E402
+from nodule_diffusion.evaluation import generate_with_adapters  # noqa: E402
 from nodule_diffusion.judge import load_judge  # noqa: E402
-from nodule_diffusion.synthesis import generate_for  # noqa: E402
 
 
 def main() -> None:
@@ -57,14 +57,8 @@ def main() -> None:
     result = {"run": str(run), "adapters": names, "n": len(lacking),
               "real_recall": float((judge.predict(t["x0"])[carrying, k] == v).float().mean()), "by_weight": {}}
     for weight in (float(w) for w in args.weights.split(",")):
-        model, payload = load_model(str(run / "base.pt"), "cpu")
-        for name in names:
-            load_lora(run / "lora" / f"{name}.pt", model, payload["fingerprint"], name)
-        lora.set_active(model.unet, names, [weight] * len(names))
-        lora.merge(model.unet)                                          # Σ_i w·ΔW_i folded into the weights
-        model.eval()
-        batch, x0 = generate_for(model, test, lacking, attr_tensor(requested, vocab, len(lacking), "cpu"))
-        generated = batch["context"] + batch["region"] * x0  # what insertion keeps: (B, 1, S, S)
+        batch, generated = generate_with_adapters(str(run / "base.pt"), run / "lora", names, test, lacking, "cpu",
+                                                  [weight] * len(names))  # Σ_i w·ΔW_i, merged
         pred = judge.predict(generated)
         values = vocab[names[0].split("=")[0]]
         result["by_weight"][weight] = {

@@ -244,8 +244,13 @@ def _dice_of(nodule, record, spacing_mm: float, size: int = 32) -> float:
     cx, cy = (nodule.box[0] + nodule.box[2]) / 2, (nodule.box[1] + nodule.box[3]) / 2
     added = crop_at(read_image(record.image), cx, cy, window)[0] - crop_at(read_image(source), cx, cy, window)[0]
     mask = crop_at((read_image(nodule.mask) > 0).astype(np.float32), cx, cy, window)[0] > 0.5
-    region = nodule_region(torch.from_numpy(mask)[None, None])[0, 0].numpy() > 0
+    region = _region_of(mask)
     return metrics.dice(metrics.added_density_body(np.maximum(added, 0), region, 1.3 * native), mask)
+
+
+def _region_of(mask: np.ndarray) -> np.ndarray:
+    """Bool (H, W) regenerated region (data.nodule_region) of a bool (H, W) body mask."""
+    return nodule_region(torch.from_numpy(mask)[None, None])[0, 0].numpy() > 0
 
 
 def segmentation_ceiling(vocab: dict, n: int = 24, seed: int = 0, size: int = 32,
@@ -266,7 +271,7 @@ def segmentation_ceiling(vocab: dict, n: int = 24, seed: int = 0, size: int = 32
                                        attributes, rng, config)
             noise = config.noise * rng.standard_normal((2, size, size))        # independent noise in each image
             added = np.maximum(with_nodule + noise[0] - flat - noise[1], 0)
-            region = nodule_region(torch.from_numpy(mask)[None, None])[0, 0].numpy() > 0
+            region = _region_of(mask)
             d = metrics.dice(segment(added, region), mask)
             for name, value in attributes.items():
                 per_value.setdefault(f"{name}={value}", []).append(d)
@@ -355,13 +360,7 @@ def controllability(ckpt: str, lora_dir: Path, names: list[str], real_train, rea
         k, v = list(vocab).index(attribute), vocab[attribute].index(value)
         carrying = (t["attrs"][:, k] == v).numpy()
         lacking = torch.nonzero(t["attrs"][:, k] != v).flatten()[:n].tolist()
-        model, payload = load_model(ckpt, device)
-        load_lora(Path(lora_dir) / f"{name}.pt", model, payload["fingerprint"], name)
-        lora.set_active(model.unet, [name])
-        lora.merge(model.unet)  # exact up to rounding, and faster to sample with
-        model.eval()
-        batch, x0 = generate_for(model, test, lacking, attr_tensor({attribute: value}, vocab, len(lacking), "cpu"))
-        generated = batch["context"] + batch["region"] * x0  # what insertion keeps: (B, 1, S, S)
+        batch, generated = generate_with_adapters(ckpt, lora_dir, [name], test, lacking, device)
         real_v = feats_real[carrying]
         result["real_recall"][name] = float((pred_real[carrying, k] == v).float().mean()) if carrying.any() else None
         result["accuracy"][name] = float((judge.predict(generated)[:, k] == v).float().mean())
@@ -372,6 +371,24 @@ def controllability(ckpt: str, lora_dir: Path, names: list[str], real_train, rea
             result["fd_judge"][name] = metrics.frechet_distance(judge.features(generated).numpy(), real_v)
             result["fd_floor"][name] = metrics.frechet_distance(real_v[0::2], real_v[1::2])
     return result
+
+
+def generate_with_adapters(ckpt: str, lora_dir: Path, names: list[str], crops, indices: list[int], device,
+                           weights: list[float] | None = None) -> tuple[dict, torch.Tensor]:
+    """Base + the adapters `names` ("attribute=value"; ΔW summed with `weights`, default 1 each, and merged: exact
+    up to rounding, and faster to sample with), their tokens on and every other attribute null, generate from the
+    masks and contexts of the dataset items `indices` (synthesis.generate_for, the default sampler).
+    Returns (the items' batch, generated (B, 1, S, S)) where generated is what insertion keeps: the context outside
+    the region, the model's pixels inside it."""
+    model, payload = load_model(ckpt, device)
+    for name in names:
+        load_lora(Path(lora_dir) / f"{name}.pt", model, payload["fingerprint"], name)
+    lora.set_active(model.unet, names, weights)
+    lora.merge(model.unet)
+    model.eval()
+    attributes = dict(name.split("=", 1) for name in names)
+    batch, x0 = generate_for(model, crops, indices, attr_tensor(attributes, model.vocab, len(indices), "cpu"))
+    return batch, batch["context"] + batch["region"] * x0
 
 
 def controllability_markdown(c: dict) -> str:
