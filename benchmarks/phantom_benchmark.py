@@ -231,16 +231,12 @@ def main() -> None:
                              "there, e.g. --skip_training --parts detection beside --skip_training --parts "
                              "single,controllability,diagnostics")
     args = parser.parse_args()
-    parts = [x for x in args.parts.split(",") if x]
-    if set(parts) - set(PARTS):
-        raise common.DataError(f"--parts {args.parts!r}: choose from {', '.join(PARTS)}")
+    parts = chosen(args.parts, PARTS, "--parts")
     out, s = Path(args.out_dir), settings(args.quick)
     device = common.resolve_device(args.device)
     t = time.time()
     if not args.skip_training:
-        groups = [g for g in args.train.split(",") if g]
-        if set(groups) - set(TRAIN_GROUPS):
-            raise common.DataError(f"--train {args.train!r}: choose from {', '.join(TRAIN_GROUPS)}")
+        groups = chosen(args.train, TRAIN_GROUPS, "--train")
         train_models(out, s, args.device, groups)
         save_part(out, "training_" + "_".join(groups), {}, time.time() - t)
     vocab = load_model(out / "base.pt", "cpu")[0].vocab  # read once; every part uses it
@@ -257,6 +253,14 @@ def main() -> None:
     common.write_json(out / "benchmark.json", result)
     (out / "benchmark.md").write_text(markdown(result))
     print((out / "benchmark.md").read_text())
+
+
+def chosen(text: str, allowed: tuple[str, ...], flag: str) -> list[str]:
+    """The comma-separated names of a flag, each one of `allowed`, else DataError naming the flag."""
+    names = [x for x in text.split(",") if x]
+    if set(names) - set(allowed):
+        raise common.DataError(f"{flag} {text!r}: choose from {', '.join(allowed)}")
+    return names
 
 
 def save_part(out: Path, part: str, value, seconds: float) -> None:
