@@ -563,7 +563,7 @@ def train_detector(model: FasterRCNN, images, targets: list[dict], steps: int = 
         optimizer.step()
         scheduler.step()
         history.append({k: v.item() for k, v in losses.items()})
-        bar.set_postfix(loss=f"{total.item():.3f}")
+        bar.set_postfix(loss=f"{total.item():.3f}", refresh=False)
     return history
 
 

@@ -183,7 +183,7 @@ def train_judge(judge: AttributeJudge, crops: torch.Tensor, labels: torch.Tensor
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     judge.eval()
     return attribute_accuracy(judge.predict(crops), labels, judge.vocab)
 

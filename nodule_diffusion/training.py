@@ -134,7 +134,7 @@ def fit(model: torch.nn.Module, params: list[torch.nn.Parameter], loss_fn, cfg: 
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower --lr")
         loop.update(step=step + 1, loss=loss.item(), extras=extras)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)  # a refresh here prints a stale count
         if files is not None and rank == 0:  # 4.
             write_run_files(files, model, loop, cfg)
     return loop
