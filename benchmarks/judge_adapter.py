@@ -2,7 +2,7 @@
 
 Base + LoRA a=v (its token on, every other attribute null, merged) generates from the masks and contexts of up
 to --n held-out phantom nodules that lack v (seed 2, as `evaluation.controllability`), with the default sampler
-(DDIM-50, η = 1); prints the fraction the judge calls v, the judge's recall of v on the real crops, and the
+(DDIM-50, η = 1) or --sampler/--steps/--eta; prints the fraction the judge calls v, the judge's recall of v on the real crops, and the
 speckle figure (mean |∇²| in the region) of generated and real crops. One judge for several runs makes their
 figures comparable; --weights scales the adapters (LoRA strength) for a sweep. With several adapters
 (--adapter a=v,b=w) their ΔW are summed (the `linear` strategy) and their tokens are on together; the nodules
@@ -14,6 +14,8 @@ Examples:
         --adapter texture=ground_glass --n 200 --weights 1,1.5,2
     python benchmarks/judge_adapter.py --run runs/demo --judge runs/benchmark/judge.pt \\
         --adapter texture=ground_glass,calcification=none --n 200
+    python benchmarks/judge_adapter.py --run runs/demo --judge runs/benchmark/judge.pt \
+        --adapter texture=ground_glass --n 64 --sampler ddpm --steps 250
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from nodule_diffusion.datasets import load_records  # noqa: E402
 from nodule_diffusion.diffusion import parse_attributes  # noqa: E402
 from nodule_diffusion.evaluation import generate_with_adapters  # noqa: E402
 from nodule_diffusion.judge import load_judge  # noqa: E402
+from nodule_diffusion.synthesis import SAMPLE_ETA, SAMPLE_STEPS  # noqa: E402
 
 
 def main() -> None:
@@ -43,6 +46,9 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=32, help="held-out nodules lacking the value to generate from")
     parser.add_argument("--n_test", type=int, default=120, help="held-out phantom images (seed 2)")
     parser.add_argument("--weights", default="1", help="adapter strengths, comma-separated")
+    parser.add_argument("--sampler", default="ddim", choices=("ddim", "ddpm"))
+    parser.add_argument("--steps", type=int, default=SAMPLE_STEPS, help="reverse steps")
+    parser.add_argument("--eta", type=float, default=SAMPLE_ETA, help="DDIM η (1 = DDPM's variance)")
     args = parser.parse_args()
     run, judge = Path(args.run), load_judge(args.judge)
     vocab = judge.vocab
@@ -54,11 +60,12 @@ def main() -> None:
     k, v = columns[names[0]]
     lacking = torch.nonzero(t["attrs"][:, k] != v).flatten()[:args.n].tolist()
     carrying = t["attrs"][:, k] == v
-    result = {"run": str(run), "adapters": names, "n": len(lacking),
+    result = {"run": str(run), "adapters": names, "n": len(lacking), "sampler": [args.sampler, args.steps, args.eta],
               "real_recall": float((judge.predict(t["x0"])[carrying, k] == v).float().mean()), "by_weight": {}}
     for weight in (float(w) for w in args.weights.split(",")):
         batch, generated = generate_with_adapters(str(run / "base.pt"), run / "lora", names, test, lacking, "cpu",
-                                                  [weight] * len(names))  # Σ_i w·ΔW_i, merged
+                                                  [weight] * len(names),  # Σ_i w·ΔW_i, merged
+                                                  steps=args.steps, sampler=args.sampler, eta=args.eta)
         pred = judge.predict(generated)
         values = vocab[names[0].split("=")[0]]
         result["by_weight"][weight] = {

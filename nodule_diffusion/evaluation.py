@@ -374,10 +374,11 @@ def controllability(ckpt: str, lora_dir: Path, names: list[str], real_train, rea
 
 
 def generate_with_adapters(ckpt: str, lora_dir: Path, names: list[str], crops, indices: list[int], device,
-                           weights: list[float] | None = None) -> tuple[dict, torch.Tensor]:
+                           weights: list[float] | None = None, **sampling) -> tuple[dict, torch.Tensor]:
     """Base + the adapters `names` ("attribute=value"; ΔW summed with `weights`, default 1 each, and merged: exact
     up to rounding, and faster to sample with), their tokens on and every other attribute null, generate from the
-    masks and contexts of the dataset items `indices` (synthesis.generate_for, the default sampler).
+    masks and contexts of the dataset items `indices` (synthesis.generate_for; `sampling`: its steps, sampler and
+    eta, by default the default sampler).
     Returns (the items' batch, generated (B, 1, S, S)) where generated is what insertion keeps: the context outside
     the region, the model's pixels inside it."""
     model, payload = load_model(ckpt, device)
@@ -387,7 +388,8 @@ def generate_with_adapters(ckpt: str, lora_dir: Path, names: list[str], crops, i
     lora.merge(model.unet)
     model.eval()
     attributes = dict(name.split("=", 1) for name in names)
-    batch, x0 = generate_for(model, crops, indices, attr_tensor(attributes, model.vocab, len(indices), "cpu"))
+    batch, x0 = generate_for(model, crops, indices, attr_tensor(attributes, model.vocab, len(indices), "cpu"),
+                             **sampling)
     return batch, batch["context"] + batch["region"] * x0
 
 
