@@ -89,6 +89,8 @@ class TrainConfig:
     lora_init: str = "kaiming"  # kaiming | orthogonal_bases (fixed disjoint A per value, only B trains)
     lambda_orth: float = 1.0  # weight of L_orth [OURS]
     lambda_attn: float = 0.1  # weight of L_attn [OURS]
+    lambda_denoise: float = 0.0  # weight of L_denoise, on nodules carrying every composed value [OURS]
+    lambda_preserve: float = 1.0  # weight of L_preserve, the distillation from each adapter alone [OURS]
     lambda_zip: float = 0.01  # ZipLoRA's merger-similarity weight [ZipLoRA §4]
     lora_lr: float = 2e-3  # LoRA learning rate: B starts at 0 and a CPU budget allows ~200 steps [LoRA §4.1]
     compose_lr: float = 0.01  # merger learning rate: m starts at 1 and must move within a few dozen steps
@@ -295,12 +297,14 @@ def train_composition(train, loop, model, crops, device, generator, log, base_fp
         diffusion.load_lora(Path(train.out_dir) / "lora" / f"{name}.pt", model, base_fp, name)
     loop = replace(loop, lr=train.compose_lr)
     training.train_compose(model, crops, names, train.strategy, loop, device, generator, train.lambda_orth,
-                           train.lambda_attn, train.lambda_zip,
-                           RunFiles(log=log, stage=f"compose {train.strategy}"))
+                           train.lambda_attn, train.lambda_zip, RunFiles(log=log, stage=f"compose {train.strategy}"),
+                           train.lambda_denoise, train.lambda_preserve)
     path = diffusion.composed_path(Path(train.out_dir), train.strategy, names)
     training.save_composed(path, model, names, base_fp, {"strategy": train.strategy, "steps": loop.steps,
                                                          "lambda_orth": train.lambda_orth,
-                                                         "lambda_attn": train.lambda_attn})
+                                                         "lambda_attn": train.lambda_attn,
+                                                         "lambda_denoise": train.lambda_denoise,
+                                                         "lambda_preserve": train.lambda_preserve})
     print(f"wrote {path}")
     return path
 

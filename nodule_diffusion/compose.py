@@ -29,8 +29,8 @@ Papers
     [MultiLoRA] Zhong et al. 2024, arXiv:2402.16843        [K-LoRA]  Ouyang et al. CVPR 2025, arXiv:2502.18461
     [ZipLoRA]   Shah et al. 2023, arXiv:2311.13600         [CLoRA]   Meral et al. 2024, arXiv:2403.19776
     [CFG]       Ho & Salimans 2022, arXiv:2207.12598       [Liu et al. 2022] composable diffusion, arXiv:2206.01714
-    [OURS]      notes/method.md §3 (the paper, arXiv 2603.01659, publishes no formula): L = L_preserve
-                + λ_o·L_orth + λ_a·L_attn                                                    [OURS Eq. 1]
+    [OURS]      notes/method.md §3 (the paper, arXiv 2603.01659, publishes no formula): L = λ_p·L_preserve
+                + λ_o·L_orth + λ_a·L_attn + λ_d·L_denoise                                    [OURS Eq. 1]
 
 Deviations
     DEVIATION: ties / dare / magnitude_prune always act on the full ΔW_i and re-factor by SVD (peft's "*_svd"
@@ -49,7 +49,7 @@ import torch.nn.functional as F
 
 from nodule_diffusion import lora
 from nodule_diffusion.common import DataError
-from nodule_diffusion.diffusion import adapter_names, attr_tensor, composed_path, load_lora
+from nodule_diffusion.diffusion import adapter_names, attr_tensor, composed_path, denoising_loss, load_lora
 
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # layer -> (A (r, D_in), B (D_out, r)), B·A = ΔW
 
@@ -311,10 +311,11 @@ def preserve_loss(pairs) -> torch.Tensor:
 
 
 def composition_loss(preserve: torch.Tensor, orth: torch.Tensor, attn: torch.Tensor, lambda_orth: float,
-                     lambda_attn: float) -> tuple[torch.Tensor, dict[str, float]]:
-    """[OURS Eq. 1] L = L_preserve + λ_o·L_orth + λ_a·L_attn; returns (L, {part: float}) for logging."""
-    total = preserve + lambda_orth * orth + lambda_attn * attn
-    parts = {"preserve": preserve, "orth": orth, "attn": attn, "total": total}
+                     lambda_attn: float, denoise: torch.Tensor | float = 0.0, lambda_denoise: float = 0.0,
+                     lambda_preserve: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
+    """[OURS Eq. 1] L = λ_p·L_preserve + λ_o·L_orth + λ_a·L_attn + λ_d·L_denoise; returns (L, {part: float})."""
+    total = lambda_preserve * preserve + lambda_orth * orth + lambda_attn * attn + lambda_denoise * denoise
+    parts = {"preserve": preserve, "orth": orth, "attn": attn, "denoise": denoise, "total": total}
     return total, {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in parts.items()}
 
 
@@ -333,20 +334,28 @@ def mean_pair_overlap(per_token: list[torch.Tensor], mask: torch.Tensor, size: i
 
 
 def composition_objective(model, names: list[str], draw_batch, generator: torch.Generator, strategy: str = "ortho",
-                          lambda_orth: float = 1.0, lambda_attn: float = 0.1,
-                          lambda_zip: float = 0.01) -> tuple[torch.Tensor, dict[str, float]]:
+                          lambda_orth: float = 1.0, lambda_attn: float = 0.1, lambda_zip: float = 0.01,
+                          lambda_denoise: float = 0.0, lambda_preserve: float = 1.0,
+                          draw_joint=None) -> tuple[torch.Tensor, dict[str, float]]:
     """The whole composition-training loss of one step [OURS Eq. 1–3] (or ZipLoRA's, strategy="ziplora").
 
     model: a DiffusionModel with the adapters `names` ("attribute=value") loaded and merger vectors added;
-    draw_batch(k) -> a batch (data.NoduleCrops keys) of nodules carrying names[k]; t and ε come from `generator`.
+    draw_batch(k) -> a batch (data.NoduleCrops keys) of nodules carrying names[k]; draw_joint() -> a batch of
+    nodules carrying every one of `names` (only read when λ_d > 0); t and ε come from `generator`.
     For each adapter k, with c_k = the token of names[k] alone and c_all = every composed token:
     1. t ~ U{0, …, T−1}, ε ~ N(0, I), x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε                    [DDPM Alg. 1 l.3–4, Eq. 4]
     2. teacher = ε_{θ+ΔW_k}(x_t, t, c_k): adapter k alone, no gradient
     3. student = ε_{θ+Σ_i ΔW̃_i}(x_t, t, c_all): every adapter with its trained mergers m_i
     4. L_preserve += Σ w·(student − teacher)² / Σ w, w = 1 + (λ−1)·dilate(M)  [ZipLoRA Eq. 2, mask-weighted]
     5. ortho: L_attn += mean over token pairs of overlap(attn_i, attn_j inside dilate(M))          [OURS Eq. 3]
-    6. ortho:   L = L_preserve + λ_o·L_orth(ΔW̃_1 … ΔW̃_n) + λ_a·L_attn / n                    [OURS Eq. 1, 2]
+    6. ortho: L_denoise = the composed model's denoising loss (diffusion.denoising_loss, c_all, uniform over t)
+       on nodules carrying every composed value                                     [method.md §3, λ_d·L_denoise]
+    7. ortho:   L = λ_p·L_preserve + λ_o·L_orth(ΔW̃_1 … ΔW̃_n) + λ_a·L_attn / n + λ_d·L_denoise    [OURS Eq. 1, 2]
        ziplora: L = L_preserve + λ_z·Σ_layers Σ_{i<j} mean|m_i ⊙ m_j|                           [ZipLoRA Eq. 3]
+    Why step 6: step 4 asks the composed model, told every value, to reproduce adapter k's ε on nodules that
+    carry value k and any value of the other attributes, i.e. to draw the others' prior; trained longer, it
+    unlearns the composition (benchmarks/RESULTS.md, "Composition budget"). L_denoise is the only term that
+    shows the composed model what the requested combination looks like.
     Returns (L, {part: float}) for logging.
     """
     vocab, scheduler = model.vocab, model.diffusion.scheduler()
@@ -377,11 +386,17 @@ def composition_objective(model, names: list[str], draw_batch, generator: torch.
             overlap = term if overlap is None else overlap + term
         model.unet.set_attention_capture(False)
     preserve = preserve_loss(pairs)
-    # 6.
     if strategy == "ortho":
+        denoise = 0.0
+        if lambda_denoise > 0:  # 6.
+            batch = draw_joint()
+            denoise = denoising_loss(model, scheduler, batch, model.diffusion.mask_weight, generator,
+                                     attr_tensor(attributes, vocab, len(batch["x0"]), batch["x0"].device))
+        # 7.
         orth = lora.orthogonality_loss([lora.adapter_factors(model.unet, n) for n in names])
         attn = torch.zeros((), device=orth.device) if overlap is None else overlap
-        return composition_loss(preserve, orth, attn / len(names), lambda_orth, lambda_attn)
+        return composition_loss(preserve, orth, attn / len(names), lambda_orth, lambda_attn, denoise, lambda_denoise,
+                                lambda_preserve)
     penalty = ziplora_penalty(model.unet, names)
     return preserve + lambda_zip * penalty, {"preserve": float(preserve), "zip": float(penalty)}
 

@@ -274,13 +274,20 @@ def _fix_orthogonal_basis(model: DiffusionModel, name: str, r: int) -> None:
 
 def train_compose(model: DiffusionModel, crops: NoduleCrops, names: list[str], strategy: str, cfg: LoopConfig,
                   device, generator, lambda_orth: float, lambda_attn: float, lambda_zip: float,
-                  files: RunFiles | None = None) -> dict:
+                  files: RunFiles | None = None, lambda_denoise: float = 0.0, lambda_preserve: float = 1.0) -> dict:
     """Composition training of loaded adapters `names` (each "attribute=value") with --strategy ortho | ziplora.
 
     Trainable: ZipLoRA-style merger vectors m_k per adapted layer [ZipLoRA §3] (base, factors, tokens frozen);
-    the loss is compose.composition_objective [OURS Eq. 1–3] on nodules carrying each attribute.
+    the loss is compose.composition_objective [OURS Eq. 1–3] on nodules carrying each attribute, and with
+    λ_d > 0 on nodules carrying all of them (DataError when the training data has none).
     """
     subsets = [subset_of(crops, model.vocab, *n.split("=", 1)) for n in names]
+    joint = subsets[0]
+    for subset in subsets[1:]:
+        joint = joint[torch.isin(joint, subset)]  # nodules carrying every composed value
+    if lambda_denoise > 0 and len(joint) == 0:
+        raise DataError(f"--lambda_denoise {lambda_denoise}: no training nodule carries all of {', '.join(names)}; "
+                        "give such nodules or use --lambda_denoise 0")
     model.requires_grad_(False)
     for layer in lora.lora_layers(model.unet).values():
         for n in names:
@@ -292,7 +299,8 @@ def train_compose(model: DiffusionModel, crops: NoduleCrops, names: list[str], s
     def loss_fn(step):
         return compose.composition_objective(
             model, names, lambda k: random_batch(crops, cfg.batch_size, generator, device, subset=subsets[k]),
-            generator, strategy, lambda_orth, lambda_attn, lambda_zip)
+            generator, strategy, lambda_orth, lambda_attn, lambda_zip, lambda_denoise, lambda_preserve,
+            lambda: random_batch(crops, cfg.batch_size, generator, device, subset=joint))
 
     cfg = LoopConfig(**{**to_plain(cfg), "ema_decay": 0.0})
     return fit(model, params, loss_fn, cfg, device, generator, desc=f"compose {strategy}", files=files)

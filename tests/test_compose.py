@@ -199,7 +199,12 @@ def test_composition_loss_and_preserve():
     torch.testing.assert_close(preserve, torch.tensor(1.0 + 1.0))
     total, parts = compose.composition_loss(preserve, torch.tensor(0.5), torch.tensor(0.25), 0.1, 2.0)
     torch.testing.assert_close(total, torch.tensor(2.0 + 0.05 + 0.5))
-    assert parts == pytest.approx({"preserve": 2.0, "orth": 0.5, "attn": 0.25, "total": 2.55})
+    assert parts == pytest.approx({"preserve": 2.0, "orth": 0.5, "attn": 0.25, "denoise": 0.0, "total": 2.55})
+    # the denoising term and the weight of L_preserve [OURS Eq. 1]: 0.5·2 + 0.05 + 0.5 + 3·0.2
+    total, parts = compose.composition_loss(preserve, torch.tensor(0.5), torch.tensor(0.25), 0.1, 2.0,
+                                            torch.tensor(0.2), 3.0, 0.5)
+    torch.testing.assert_close(total, torch.tensor(1.0 + 0.05 + 0.5 + 0.6))
+    assert parts["denoise"] == pytest.approx(0.2)
     total.backward()
     assert student.grad is not None
 

@@ -64,6 +64,46 @@ def test_ortho_composition_lowers_orthogonality_and_attention_overlap(tiny_base,
     assert after[1] < before[1], (before, after)
 
 
+def test_denoising_term_is_the_composed_models_loss_on_nodules_carrying_both(tiny_base, disk_crops):
+    """λ_d·L_denoise [OURS Eq. 1]: with λ_p = λ_o = λ_a = 0 the objective is exactly diffusion.denoising_loss of
+    the composed model, told both values, on the batch draw_joint gives (the generator in the same state)."""
+    model, _ = _with_random_adapters(tiny_base)
+    for layer in lora.lora_layers(model.unet).values():
+        for name in NAMES:
+            layer.add_merger(name)
+    single, joint = disk_crops.get(torch.arange(4, 8)), disk_crops.get(torch.arange(4))
+    total, parts = compose.composition_objective(model, NAMES, lambda k: single, torch.Generator().manual_seed(3),
+                                                 "ortho", 0.0, 0.0, 0.0, lambda_denoise=2.0, lambda_preserve=0.0,
+                                                 draw_joint=lambda: joint)
+    generator = torch.Generator().manual_seed(3)
+    scheduler = model.diffusion.scheduler()
+    for _ in NAMES:  # step 1 of each adapter draws t and ε first
+        torch.randint(0, scheduler.num_train_timesteps, (4,), generator=generator)
+        torch.randn(single["x0"].shape, generator=generator)
+    lora.set_active(model.unet, NAMES)
+    attrs = diffusion.attr_tensor({"texture": "solid", "margin": "well_defined"}, model.vocab, 4, CPU)
+    expected = diffusion.denoising_loss(model, scheduler, joint, model.diffusion.mask_weight, generator, attrs)
+    torch.testing.assert_close(total, 2.0 * expected)
+    assert parts["denoise"] == pytest.approx(float(expected.detach())) and parts["preserve"] > 0  # logged, unweighted
+
+
+def test_denoising_term_needs_nodules_carrying_every_value(tiny_base, disk_records):
+    """λ_d > 0 where no training nodule carries both values: a DataError naming them, before any step."""
+    from dataclasses import replace
+
+    from nodule_diffusion.data import DEFAULT_VOCAB, NoduleCrops
+    apart = [replace(r, nodules=[replace(n, attributes={**n.attributes, "margin": "ill_defined" if
+                                                        n.attributes["texture"] == "solid" else "well_defined"})
+                                 for n in r.nodules]) for r in disk_records]
+    crops = NoduleCrops(apart, DEFAULT_VOCAB, 16, 1.4)
+    model, _ = _with_random_adapters(tiny_base)
+    with pytest.raises(datasets.DataError, match="lambda_denoise.*texture=solid, margin=well_defined"):
+        training.train_compose(model, crops, NAMES, "ortho", tiny_loop(2), CPU, torch.Generator().manual_seed(0),
+                               1.0, 0.1, 0.0, lambda_denoise=1.0)
+    training.train_compose(model, crops, NAMES, "ortho", tiny_loop(1), CPU, torch.Generator().manual_seed(0),
+                           1.0, 0.1, 0.0)  # λ_d = 0 (the default) trains as before
+
+
 def test_composed_adapter_equals_sum_of_merged_adapters(tiny_base, disk_crops, tmp_path):
     model, payload = _with_random_adapters(tiny_base)
     training.train_compose(model, disk_crops, NAMES, "ziplora", tiny_loop(3, lr=1e-2, ema_decay=0.0), CPU,
