@@ -79,11 +79,7 @@ def train_models(out: Path, s: dict, device: str, groups=TRAIN_GROUPS) -> None:
                                 replace(loop, steps=s["lora_steps"]), unet, diffusion)
 
     def compose(folder: Path, strategy: str, attributes: str, **overrides) -> None:
-        names = [x.strip() for x in attributes.split(",")]
-        if not composed_path(folder, strategy, names).is_file():
-            train.run_stage(replace(base_cfg, out_dir=str(folder), stage="compose", ckpt=ckpt, strategy=strategy,
-                                    attributes=attributes, **overrides),
-                            replace(loop, steps=s["compose_steps"]), unet, diffusion)
+        compose_into(folder, base_cfg, replace(loop, steps=s["compose_steps"]), strategy, attributes, **overrides)
 
     pairs = pairs_of(vocab, s)
     if "pairs" in groups:
@@ -93,10 +89,7 @@ def train_models(out: Path, s: dict, device: str, groups=TRAIN_GROUPS) -> None:
         compose(out, "ortho", "texture=part_solid,margin=ill_defined,calcification=calcified")
     if "ablations" in groups:
         for tag, overrides in ABLATIONS.items():
-            folder = ablation_dir(out, tag)  # a run folder of its own: the same adapters, its own compose/
-            shutil.copytree(out / "lora", folder / "lora", dirs_exist_ok=True)
-            if not (folder / "data").exists():
-                (folder / "data").symlink_to((out / "data").resolve(), target_is_directory=True)
+            folder = adapter_folder(out, ablation_dir(out, tag))
             for tex, mar in pairs:
                 compose(folder, "ortho", f"texture={tex},margin={mar}", **overrides)
     if "cfg" in groups and not (out / "cfg.pt").is_file():
@@ -104,8 +97,27 @@ def train_models(out: Path, s: dict, device: str, groups=TRAIN_GROUPS) -> None:
                         diffusion)
 
 
+def compose_into(folder: Path, base_cfg, loop, strategy: str, attributes: str, **overrides) -> None:
+    """train.py --stage compose of `attributes` with `strategy` into folder/compose/, unless its file exists.
+    base_cfg: the run's TrainConfig (out_dir holds base.pt); overrides: TrainConfig fields (e.g. lambda_orth)."""
+    names = [x.strip() for x in attributes.split(",")]
+    if not composed_path(folder, strategy, names).is_file():
+        base = str(Path(base_cfg.out_dir) / "base.pt")
+        train.run_stage(replace(base_cfg, out_dir=str(folder), stage="compose", ckpt=base, strategy=strategy,
+                                attributes=attributes, **overrides),
+                        loop, train.UNetConfig(attention_levels=(2,)), train.DiffusionConfig())
+
+
 def ablation_dir(out: Path, tag: str) -> Path:
     return out / "ablations" / tag
+
+
+def adapter_folder(out: Path, folder: Path) -> Path:
+    """A run folder of its own for compositions of the run `out`'s adapters: lora/ copied, data/ linked."""
+    shutil.copytree(out / "lora", folder / "lora", dirs_exist_ok=True)
+    if not (folder / "data").exists():
+        (folder / "data").symlink_to((out / "data").resolve(), target_is_directory=True)
+    return folder
 
 
 def pairs_of(vocab: dict, s: dict) -> list[tuple[str, str]]:
@@ -155,17 +167,25 @@ def controllability(out: Path, pairs, s: dict, device, vocab: dict, ablations: b
         jobs.append(("texture=part_solid,margin=ill_defined,calcification=calcified", "ortho"))
         jobs.append(("texture=part_solid,margin=ill_defined,calcification=calcified", "linear"))
     for attrs_text, strategy in jobs:
-        attributes = parse_attributes(attrs_text, vocab)
-        ckpt = out / ("cfg.pt" if strategy == "cfg" else "base.pt")
         lora_dir = ablation_dir(out, strategy) / "lora" if strategy in ABLATIONS else out / "lora"
-        generate, _ = synthesis.build_generator(str(ckpt), "ortho" if strategy in ABLATIONS else strategy,
-                                                attributes, lora_dir, device, s["steps"])
-        folder = out / "sets" / f"{strategy}_{attrs_text.replace(',', '+')}"
-        syn = synthesis.synthesize(pool, generate, folder, vocab, 1.4, 32, attributes, 1, (10.0, 20.0), 5)
-        scores, _, _ = evaluation.score_synthetic(judge, real_batch, syn, vocab, 1.4, 32)
+        scores = score_set(out, judge, real_batch, pool, attrs_text, "ortho" if strategy in ABLATIONS else strategy,
+                           lora_dir, s, out / "sets" / f"{strategy}_{attrs_text.replace(',', '+')}", device)
         results["sets"].append({"attributes": attrs_text, "strategy": strategy, **scores})
-        print(strategy, attrs_text, json.dumps(scores["accuracy"]))
     return results
+
+
+def score_set(out: Path, judge, real_batch: dict, pool, attrs_text: str, strategy: str, lora_dir: Path, s: dict,
+              folder: Path, device) -> dict:
+    """Insert one nodule per `pool` image with `strategy` and the adapters of lora_dir (composed ones from
+    lora_dir/../compose), into `folder`; the judge's accuracy, FD_judge and mask Dice (evaluation.score_synthetic)."""
+    vocab = judge.vocab
+    attributes = parse_attributes(attrs_text, vocab)
+    ckpt = out / ("cfg.pt" if strategy == "cfg" else "base.pt")
+    generate, _ = synthesis.build_generator(str(ckpt), strategy, attributes, lora_dir, device, s["steps"])
+    syn = synthesis.synthesize(pool, generate, folder, vocab, 1.4, 32, attributes, 1, (10.0, 20.0), 5)
+    scores, _, _ = evaluation.score_synthetic(judge, real_batch, syn, vocab, 1.4, 32)
+    print(strategy, attrs_text, json.dumps(scores["accuracy"]))
+    return scores
 
 
 def diagnose_pairs(out: Path, pairs, device) -> list[dict]:

@@ -1,0 +1,116 @@
+"""Composition accuracy against the composition-training budget: does `ortho` beat `linear` when it trains longer?
+
+The phantom benchmark gives each composition 15 steps; there the mergers move by 7-8 % and `ortho`, its two
+ablations and `linear` give the same verdicts (RESULTS.md). This script re-trains the compositions of the
+benchmark's texture × margin pairs at other budgets, from the same base and adapters, and measures them with the
+benchmark's judge and nodule pool (phantom_benchmark.score_set), so its rows sit beside the benchmark's table.
+
+    python benchmarks/compose_budget.py --run runs/benchmark --steps 100 --tags ortho
+    # two processes on two cores (one thread each), then the table of every result so far:
+    OMP_NUM_THREADS=1 python benchmarks/compose_budget.py --run runs/benchmark --steps 100 --tags ortho &
+    OMP_NUM_THREADS=1 python benchmarks/compose_budget.py --run runs/benchmark --steps 100 --tags ortho_no_orth
+    python benchmarks/compose_budget.py --run runs/benchmark --table
+
+Tags: ortho, ziplora, the ablations ortho_no_orth (λ_o = 0) and ortho_no_attn (λ_a = 0), ortho_denoise (λ_d = 1:
+the denoising term on nodules carrying both values) and ortho_denoise_no_preserve (λ_d = 1, λ_p = 0). Writes
+<run>/compose_budget/<tag>_s<steps>/ (compositions and inserted sets) and <tag>_s<steps>.json (training
+seconds and scores per pair); --table prints every JSON there as one markdown table with `linear` (no training)
+from the benchmark's own controllability part.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import phantom_benchmark as pb  # noqa: E402  (the benchmark's settings, judge, pairs and set scoring)
+import train  # noqa: E402
+from nodule_diffusion import common, evaluation  # noqa: E402
+from nodule_diffusion.datasets import load_records  # noqa: E402
+from nodule_diffusion.diffusion import load_model  # noqa: E402
+
+TAGS = {"ortho": ("ortho", {}), "ziplora": ("ziplora", {}),
+        **{tag: ("ortho", overrides) for tag, overrides in pb.ABLATIONS.items()},
+        # with the denoising term on nodules carrying both values [OURS Eq. 1, λ_d], and then without L_preserve
+        "ortho_denoise": ("ortho", {"lambda_denoise": 1.0}),
+        "ortho_denoise_no_preserve": ("ortho", {"lambda_denoise": 1.0, "lambda_preserve": 0.0})}
+
+
+def run_budget(run: Path, tag: str, steps: int, s: dict, device) -> dict:
+    """Train every pair's composition of `tag` at `steps` steps, then score each pair's inserted set."""
+    strategy, overrides = TAGS[tag]
+    folder = pb.adapter_folder(run, run / "compose_budget" / f"{tag}_s{steps}")
+    vocab = load_model(run / "base.pt", "cpu")[0].vocab
+    pairs = pb.pairs_of(vocab, s)
+    base_cfg = train.TrainConfig(out_dir=str(run), n_images=s["n_images"], device=str(device))
+    loop = train.LoopConfig(steps=steps, batch_size=s["batch_size"], sample_every=0, checkpoint_every=steps)
+    t = time.time()
+    for tex, mar in pairs:
+        pb.compose_into(folder, base_cfg, loop, strategy, f"texture={tex},margin={mar}", **overrides)
+    seconds = time.time() - t
+    judge = pb.benchmark_judge(run, s, vocab, device)
+    real = evaluation.judged_crops(judge, load_records("phantom", run / "data", s["n_images"], 0, vocab), vocab,
+                                   1.4, 32)
+    pool = load_records("phantom", run / "data", s["per_set"], 11, vocab)  # the benchmark's pool
+    sets = []
+    for tex, mar in pairs:
+        attrs = f"texture={tex},margin={mar}"
+        scores = pb.score_set(run, judge, real, pool, attrs, strategy, folder / "lora", s,
+                              folder / "sets" / attrs.replace(",", "+"), device)
+        sets.append({"attributes": attrs, "strategy": tag, **scores})
+    return {"tag": tag, "steps": steps, "training_s": seconds, "sets": sets}
+
+
+def table(run: Path) -> str:
+    """Every <tag>_s<steps>.json of the run, and the benchmark's own rows (15 steps, and linear)."""
+    rows = []
+    bench = run / "parts" / "controllability.json"
+    if bench.is_file():
+        sets = json.loads(bench.read_text())["result"]["sets"]
+        for strategy in ("linear", "ortho", "ziplora"):
+            rows.append((strategy, 0 if strategy == "linear" else pb.settings(False)["compose_steps"], None,
+                         [x for x in sets if x["strategy"] == strategy and x["attributes"].count("=") == 2]))
+    for path in sorted((run / "compose_budget").glob("*_s*.json")):
+        r = json.loads(path.read_text())
+        rows.append((r["tag"], r["steps"], r["training_s"], r["sets"]))
+    lines = ["| strategy | composition steps | training CPU-min (9 pairs) | texture acc | margin acc | both correct |"
+             " mask Dice |", "|---|---|---|---|---|---|---|"]
+    for tag, steps, seconds, sets in rows:
+        mean = lambda key: float(np.nanmean([key(x) for x in sets]))  # noqa: E731
+        minutes = "" if seconds is None else f"{seconds / 60:.1f}"
+        accuracy = [mean(lambda x: x["accuracy"][k]) for k in ("texture", "margin", "all_requested")]
+        lines.append(f"| {tag} | {steps} | {minutes} | " + " | ".join(f"{a:.3f}" for a in accuracy)
+                     + f" | {mean(lambda x: x['mask_dice_mean']):.3f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", default="runs/benchmark", help="a phantom_benchmark.py --out_dir with its models")
+    parser.add_argument("--steps", default="100", help="composition budgets, comma-separated")
+    parser.add_argument("--tags", default="ortho", help="comma-separated: " + ", ".join(TAGS))
+    parser.add_argument("--table", action="store_true", help="only print the table of every result so far")
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+    run = Path(args.run)
+    if not args.table:
+        if not (run / "base.pt").is_file() or not (run / "lora").is_dir():
+            raise common.DataError(f"{run}: no base.pt and lora/ (run benchmarks/phantom_benchmark.py first)")
+        device, s = common.resolve_device(args.device), pb.settings(False)
+        for tag in pb.chosen(args.tags, tuple(TAGS), "--tags"):
+            for steps in (int(x) for x in args.steps.split(",")):
+                result = run_budget(run, tag, steps, s, device)
+                common.write_json(run / "compose_budget" / f"{tag}_s{steps}.json", result)
+    print(table(run))
+
+
+if __name__ == "__main__":
+    main()
