@@ -345,7 +345,9 @@ def composition_objective(model, names: list[str], draw_batch, generator: torch.
     For each adapter k, with c_k = the token of names[k] alone and c_all = every composed token:
     1. t ~ U{0, …, T−1}, ε ~ N(0, I), x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε                    [DDPM Alg. 1 l.3–4, Eq. 4]
     2. teacher = ε_{θ+ΔW_k}(x_t, t, c_k): adapter k alone, no gradient
-    3. student = ε_{θ+Σ_i ΔW̃_i}(x_t, t, c_all): every adapter with its trained mergers m_i
+    3. student = ε_{θ+Σ_i ΔW̃_i}(x_t, t, c_all): every adapter with its trained mergers m_i (ortho, method.md §3);
+       ziplora: ε_{θ+Σ_i ΔW̃_i}(x_t, t, c_k), the teacher's own condition, as ZipLoRA Eq. 2 gives the merged
+       model the prompt of the reference it reproduces
     4. L_preserve += Σ w·(student − teacher)² / Σ w, w = 1 + (λ−1)·dilate(M)  [ZipLoRA Eq. 2, mask-weighted]
     5. ortho: L_attn += mean over token pairs of overlap(attn_i, attn_j inside dilate(M))          [OURS Eq. 3]
     6. ortho: L_denoise = the composed model's denoising loss (diffusion.denoising_loss, c_all, uniform over t)
@@ -377,7 +379,8 @@ def composition_objective(model, names: list[str], draw_batch, generator: torch.
         # 3.
         lora.set_active(model.unet, names)
         model.unet.set_attention_capture(with_attention)
-        student = model(xt, t, batch["mask"], batch["context"], attr_tensor(attributes, vocab, len(x0), x0.device))
+        told = own if strategy == "ziplora" else attributes
+        student = model(xt, t, batch["mask"], batch["context"], attr_tensor(told, vocab, len(x0), x0.device))
         # 4.
         pairs.append((student, teacher, 1.0 + (model.diffusion.mask_weight - 1.0) * batch["region"]))
         # 5.

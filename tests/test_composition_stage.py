@@ -87,6 +87,35 @@ def test_denoising_term_is_the_composed_models_loss_on_nodules_carrying_both(tin
     assert parts["denoise"] == pytest.approx(float(expected.detach())) and parts["preserve"] > 0  # logged, unweighted
 
 
+def test_ziplora_student_gets_the_teachers_own_condition(tiny_base, disk_crops):
+    """ZipLoRA Eq. 2: the merged model reproduces adapter k with adapter k's own prompt, here c_k; the objective
+    with λ_z = 0 equals that mask-weighted MSE summed over k, and differs from the one told every value."""
+    model, _ = _with_random_adapters(tiny_base)
+    for layer in lora.lora_layers(model.unet).values():
+        for name in NAMES:
+            layer.add_merger(name)
+    batch = disk_crops.get(torch.arange(4))
+    total, _ = compose.composition_objective(model, NAMES, lambda k: batch, torch.Generator().manual_seed(1),
+                                             "ziplora", lambda_zip=0.0)
+    generator, scheduler = torch.Generator().manual_seed(1), model.diffusion.scheduler()
+    weight = 1.0 + (model.diffusion.mask_weight - 1.0) * batch["region"]
+    expected = {"own": 0.0, "all": 0.0}
+    for name in NAMES:
+        t = torch.randint(0, scheduler.num_train_timesteps, (4,), generator=generator)
+        xt = scheduler.add_noise(batch["x0"], torch.randn(batch["x0"].shape, generator=generator), t)
+        own = diffusion.attr_tensor(dict([name.split("=")]), model.vocab, 4, CPU)
+        every = diffusion.attr_tensor(dict(n.split("=") for n in NAMES), model.vocab, 4, CPU)
+        with torch.no_grad():
+            lora.set_active(model.unet, [name])
+            teacher = model(xt, t, batch["mask"], batch["context"], own)
+            lora.set_active(model.unet, NAMES)
+            for key, attrs in (("own", own), ("all", every)):
+                student = model(xt, t, batch["mask"], batch["context"], attrs)
+                expected[key] += float((weight * (student - teacher) ** 2).sum() / weight.sum())
+    assert float(total) == pytest.approx(expected["own"], rel=1e-5)
+    assert abs(expected["all"] - expected["own"]) > 1e-4 * expected["own"]  # the condition matters here
+
+
 def test_denoising_term_needs_nodules_carrying_every_value(tiny_base, disk_records):
     """λ_d > 0 where no training nodule carries both values: a DataError naming them, before any step."""
     from dataclasses import replace
