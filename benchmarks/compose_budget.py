@@ -66,6 +66,7 @@ def run_budget(run: Path, tag: str, steps: int, s: dict, device) -> dict:
         scores = pb.score_set(run, judge, real, pool, attrs, strategy, folder / "lora", s,
                               folder / "sets" / attrs.replace(",", "+"), device)
         sets.append({"attributes": attrs, "strategy": tag, **scores})
+        print(tag, steps, attrs, json.dumps(scores["accuracy"]))
     return {"tag": tag, "steps": steps, "training_s": seconds, "sets": sets}
 
 

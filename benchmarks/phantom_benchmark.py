@@ -171,6 +171,7 @@ def controllability(out: Path, pairs, s: dict, device, vocab: dict, ablations: b
         scores = score_set(out, judge, real_batch, pool, attrs_text, "ortho" if strategy in ABLATIONS else strategy,
                            lora_dir, s, out / "sets" / f"{strategy}_{attrs_text.replace(',', '+')}", device)
         results["sets"].append({"attributes": attrs_text, "strategy": strategy, **scores})
+        print(strategy, attrs_text, json.dumps(scores["accuracy"]))
     return results
 
 
@@ -183,9 +184,7 @@ def score_set(out: Path, judge, real_batch: dict, pool, attrs_text: str, strateg
     ckpt = out / ("cfg.pt" if strategy == "cfg" else "base.pt")
     generate, _ = synthesis.build_generator(str(ckpt), strategy, attributes, lora_dir, device, s["steps"])
     syn = synthesis.synthesize(pool, generate, folder, vocab, 1.4, 32, attributes, 1, (10.0, 20.0), 5)
-    scores, _, _ = evaluation.score_synthetic(judge, real_batch, syn, vocab, 1.4, 32)
-    print(strategy, attrs_text, json.dumps(scores["accuracy"]))
-    return scores
+    return evaluation.score_synthetic(judge, real_batch, syn, vocab, 1.4, 32)[0]
 
 
 def diagnose_pairs(out: Path, pairs, device) -> list[dict]:
