@@ -82,7 +82,7 @@ def table(run: Path) -> str:
     for path in sorted((run / "compose_budget").glob("*_s*.json")):
         r = json.loads(path.read_text())
         rows.append((r["tag"], r["steps"], r["training_s"], r["sets"]))
-    lines = ["| strategy | composition steps | training CPU-min (9 pairs) | texture acc | margin acc | both correct |"
+    lines = ["| strategy | composition steps | training wall min (9 pairs) | texture acc | margin acc | both correct |"
              " mask Dice |", "|---|---|---|---|---|---|---|"]
     for tag, steps, seconds, sets in rows:
         mean = lambda key: float(np.nanmean([key(x) for x in sets]))  # noqa: E731
