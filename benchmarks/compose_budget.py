@@ -24,17 +24,13 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
-
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import phantom_benchmark as pb  # noqa: E402  (the benchmark's settings, judge, pairs and set scoring)
 import train  # noqa: E402
-from nodule_diffusion import common, evaluation  # noqa: E402
-from nodule_diffusion.datasets import load_records  # noqa: E402
+from nodule_diffusion import common  # noqa: E402
 from nodule_diffusion.diffusion import load_model  # noqa: E402
 
 TAGS = {"ortho": ("ortho", {}), "ziplora": ("ziplora", {}),
@@ -56,10 +52,7 @@ def run_budget(run: Path, tag: str, steps: int, s: dict, device) -> dict:
     for tex, mar in pairs:
         pb.compose_into(folder, base_cfg, loop, strategy, f"texture={tex},margin={mar}", **overrides)
     seconds = time.time() - t
-    judge = pb.benchmark_judge(run, s, vocab, device)
-    real = evaluation.judged_crops(judge, load_records("phantom", run / "data", s["n_images"], 0, vocab), vocab,
-                                   1.4, 32)
-    pool = load_records("phantom", run / "data", s["per_set"], 11, vocab)  # the benchmark's pool
+    judge, real, pool = pb.scoring_inputs(run, s, vocab, device)
     sets = []
     for tex, mar in pairs:
         attrs = f"texture={tex},margin={mar}"
@@ -85,11 +78,10 @@ def table(run: Path) -> str:
     lines = ["| strategy | composition steps | training wall min (9 pairs) | texture acc | margin acc | both correct |"
              " mask Dice |", "|---|---|---|---|---|---|---|"]
     for tag, steps, seconds, sets in rows:
-        mean = lambda key: float(np.nanmean([key(x) for x in sets]))  # noqa: E731
+        m = pb.pair_means(sets)
         minutes = "" if seconds is None else f"{seconds / 60:.1f}"
-        accuracy = [mean(lambda x: x["accuracy"][k]) for k in ("texture", "margin", "all_requested")]
-        lines.append(f"| {tag} | {steps} | {minutes} | " + " | ".join(f"{a:.3f}" for a in accuracy)
-                     + f" | {mean(lambda x: x['mask_dice_mean']):.3f} |")
+        lines.append(f"| {tag} | {steps} | {minutes} | {m['texture']:.3f} | {m['margin']:.3f} | "
+                     f"{m['all_requested']:.3f} | {m['dice']:.3f} |")
     return "\n".join(lines)
 
 

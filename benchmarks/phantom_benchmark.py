@@ -67,7 +67,7 @@ def train_models(out: Path, s: dict, device: str, groups=TRAIN_GROUPS) -> None:
     base_cfg = train.TrainConfig(out_dir=str(out), n_images=s["n_images"], device=device)
     loop = train.LoopConfig(steps=s["base_steps"], batch_size=s["batch_size"], sample_every=0,
                             checkpoint_every=max(s["base_steps"], 1))
-    unet, diffusion = train.UNetConfig(attention_levels=(2,)), train.DiffusionConfig()
+    unet, diffusion = model_configs()
     ckpt = str(out / "base.pt")
     if "base" in groups and not (out / "base.pt").is_file():
         train.run_stage(replace(base_cfg, stage="base"), loop, unet, diffusion)
@@ -105,7 +105,12 @@ def compose_into(folder: Path, base_cfg, loop, strategy: str, attributes: str, *
         base = str(Path(base_cfg.out_dir) / "base.pt")
         train.run_stage(replace(base_cfg, out_dir=str(folder), stage="compose", ckpt=base, strategy=strategy,
                                 attributes=attributes, **overrides),
-                        loop, train.UNetConfig(attention_levels=(2,)), train.DiffusionConfig())
+                        loop, *model_configs())
+
+
+def model_configs():
+    """The benchmark's UNet and diffusion configs (stages after base rebuild the model from its checkpoint)."""
+    return train.UNetConfig(attention_levels=(2,)), train.DiffusionConfig()
 
 
 def ablation_dir(out: Path, tag: str) -> Path:
@@ -155,11 +160,8 @@ def single_attribute(out: Path, s: dict, device, vocab: dict) -> dict:
 def controllability(out: Path, pairs, s: dict, device, vocab: dict, ablations: bool = False) -> dict:
     """Judge accuracy, FD_judge and Dice for every (pair, strategy), plus CFG and the triple; with `ablations`,
     for the ortho ablations instead (part "ablations", which can run as soon as their models exist)."""
-    real = load_records("phantom", out / "data", s["n_images"], 0, vocab)
-    judge = benchmark_judge(out, s, vocab, device)
-    real_batch = evaluation.judged_crops(judge, real, vocab, 1.4, 32)  # the FD reference: the models' real crops
+    judge, real_batch, pool = scoring_inputs(out, s, vocab, device)
     real_accuracy = attribute_accuracy(judge.predict(real_batch["x0"]), real_batch["attrs"], vocab)
-    pool = load_records("phantom", out / "data", s["per_set"], 11, vocab)
     results = {"judge_real_accuracy": real_accuracy, "sets": []}
     strategies = tuple(ABLATIONS) if ablations else (*STRATEGIES, "cfg")
     jobs = [(f"texture={t},margin={m}", st) for (t, m), st in itertools.product(pairs, strategies)]
@@ -173,6 +175,15 @@ def controllability(out: Path, pairs, s: dict, device, vocab: dict, ablations: b
         results["sets"].append({"attributes": attrs_text, "strategy": strategy, **scores})
         print(strategy, attrs_text, json.dumps(scores["accuracy"]))
     return results
+
+
+def scoring_inputs(out: Path, s: dict, vocab: dict, device):
+    """What every composed set is scored with: (the benchmark's judge, the models' real crops with its features as
+    the FD reference, the pool of s["per_set"] phantom images, seed 11, that receive the nodules)."""
+    judge = benchmark_judge(out, s, vocab, device)
+    real_batch = evaluation.judged_crops(judge, load_records("phantom", out / "data", s["n_images"], 0, vocab),
+                                         vocab, 1.4, 32)
+    return judge, real_batch, load_records("phantom", out / "data", s["per_set"], 11, vocab)
 
 
 def score_set(out: Path, judge, real_batch: dict, pool, attrs_text: str, strategy: str, lora_dir: Path, s: dict,
@@ -333,6 +344,14 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def pair_means(rows: list[dict]) -> dict[str, float]:
+    """Means over scored sets (score_set rows): texture, margin and both-correct accuracy, FD_judge, mask Dice."""
+    mean = lambda f: float(np.nanmean([f(x) for x in rows]))  # noqa: E731
+    means = {k: mean(lambda x: x["accuracy"][k]) for k in ("texture", "margin", "all_requested")}
+    means["fd"] = mean(lambda x: np.mean(list(x["frechet_distance_judge"].values()) or [np.nan]))
+    return {**means, "dice": mean(lambda x: x["mask_dice_mean"])}
+
+
 def composition_tables(control: dict) -> list[str]:
     """Pairs (mean over the 9 texture × margin pairs) per strategy, and the triple."""
     sets = control["sets"]
@@ -344,11 +363,9 @@ def composition_tables(control: dict) -> list[str]:
     pair_sets = [x for x in sets if x["attributes"].count("=") == 2]
     for strategy in dict.fromkeys(x["strategy"] for x in pair_sets):
         rows = [x for x in pair_sets if x["strategy"] == strategy]
-        mean = lambda f: float(np.nanmean([f(x) for x in rows]))  # noqa: E731
-        lines.append(f"| {strategy} | {len(rows)} | {mean(lambda x: x['accuracy']['texture']):.3f} | "
-                     f"{mean(lambda x: x['accuracy']['margin']):.3f} | {mean(lambda x: x['accuracy']['all_requested']):.3f}"
-                     f" | {mean(lambda x: np.mean(list(x['frechet_distance_judge'].values()) or [np.nan])):.2f} | "
-                     f"{mean(lambda x: x['mask_dice_mean']):.3f} |")
+        m = pair_means(rows)
+        lines.append(f"| {strategy} | {len(rows)} | {m['texture']:.3f} | {m['margin']:.3f} | {m['all_requested']:.3f}"
+                     f" | {m['fd']:.2f} | {m['dice']:.3f} |")
     lines += ["", "Three attributes (texture=part_solid, margin=ill_defined, calcification=calcified):", "",
               "| strategy | texture | margin | calcification | all correct |", "|---|---|---|---|---|"]
     for x in sets:
