@@ -2,8 +2,8 @@
 
 Base + LoRA a=v (its token on, every other attribute null, merged) generates from the masks and contexts of up
 to --n held-out phantom nodules that lack v (seed 2, as `evaluation.controllability`), with the default sampler
-(DDIM-50, η = 1) or --sampler/--steps/--eta; prints the fraction the judge calls v, the judge's recall of v on the real crops, and the
-speckle figure (mean |∇²| in the region) of generated and real crops. One judge for several runs makes their
+(DDIM-50, η = 1) or --sampler/--steps/--eta; prints the fraction the judge calls v, the judge's recall of v on
+the real crops, and the speckle figure (mean |∇²| in the region) of generated and real crops. One judge for several runs makes their
 figures comparable; --weights scales the adapters (LoRA strength) for a sweep. With several adapters
 (--adapter a=v,b=w) their ΔW are summed (the `linear` strategy) and their tokens are on together; the nodules
 are chosen by the first one, and the judge's verdict is reported for each.
@@ -14,7 +14,7 @@ Examples:
         --adapter texture=ground_glass --n 200 --weights 1,1.5,2
     python benchmarks/judge_adapter.py --run runs/demo --judge runs/benchmark/judge.pt \\
         --adapter texture=ground_glass,calcification=none --n 200
-    python benchmarks/judge_adapter.py --run runs/demo --judge runs/benchmark/judge.pt \
+    python benchmarks/judge_adapter.py --run runs/demo --judge runs/benchmark/judge.pt \\
         --adapter texture=ground_glass --n 64 --sampler ddpm --steps 250
 """
 
