@@ -435,13 +435,18 @@ def otsu_threshold(values) -> float:
     return float((v[i] + v[i + 1]) / 2)
 
 
-def _gaussian_blur(x: np.ndarray, sigma: float) -> np.ndarray:
-    """Separable Gaussian blur of an (H, W) array: σ in px, kernel radius ⌈3σ⌉, zero padding (no density outside)."""
+def gaussian_blur(image: np.ndarray, sigma: float, edge: str = "zero") -> np.ndarray:
+    """Separable Gaussian blur of an (H, W) array, σ in px, kernel radius ⌈3σ⌉, as a sum of shifted copies.
+    edge="zero": nothing outside (added density); "replicate": edges repeated (phantom.py's detector blur)."""
     radius = max(1, int(np.ceil(3 * sigma)))
     taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
-    taps /= taps.sum()
-    blur = lambda line: np.convolve(np.pad(line, radius), taps, "valid")  # noqa: E731  (same length as line)
-    return np.apply_along_axis(blur, 1, np.apply_along_axis(blur, 0, x))
+    taps = (taps / taps.sum()).astype(image.dtype if image.dtype.kind == "f" else np.float64)
+    mode = {"zero": "constant", "replicate": "edge"}[edge]
+    for axis in (0, 1):
+        padded = np.pad(image, [(radius, radius) if a == axis else (0, 0) for a in (0, 1)], mode=mode)
+        n = image.shape[axis]
+        image = sum(w * padded.take(np.arange(k, k + n), axis=axis) for k, w in enumerate(taps))
+    return image
 
 
 def added_density_body(added, region, sigma: float = 1.3) -> np.ndarray:
@@ -457,7 +462,7 @@ def added_density_body(added, region, sigma: float = 1.3) -> np.ndarray:
     region = _np(region, bool)
     if not region.any():
         return region
-    x = _gaussian_blur(_np(added) * region, sigma)
+    x = gaussian_blur(_np(added) * region, sigma)
     inside = x[region]
     nodule = inside[inside > otsu_threshold(inside)]
     if len(nodule) == 0:

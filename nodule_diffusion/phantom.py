@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from nodule_diffusion.common import add_dataclass_args, config_from_args, read_config_file, run_cli, save_image_png
 from nodule_diffusion.data import DEFAULT_VOCAB, DataError, ImageRecord, Nodule, crop_at, write_annotations
+from nodule_diffusion.metrics import gaussian_blur
 
 
 @dataclass
@@ -241,18 +242,6 @@ def draw_nodule(image: np.ndarray, centre_xy: tuple[float, float], diameter_px: 
 
 # ---------------------------------------------------------------------------------------------------------
 # Anatomy. Shapes are drawn in (u, v) = (x, y) / size, then blurred once; intensities are display-space levels.
-def _blur(image: np.ndarray, sigma: float) -> np.ndarray:
-    """Separable Gaussian blur (σ in px, kernel radius ⌈3σ⌉, edges replicated) as a sum of shifted copies."""
-    radius = max(1, int(np.ceil(3 * sigma)))
-    taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
-    taps = (taps / taps.sum()).astype(np.float32)
-    for axis in (0, 1):
-        padded = np.pad(image, [(radius, radius) if a == axis else (0, 0) for a in (0, 1)], mode="edge")
-        n = image.shape[axis]
-        image = sum(w * padded.take(np.arange(k, k + n), axis=axis) for k, w in enumerate(taps))
-    return image
-
-
 def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
     """Unit-std float32 (size, size) random field, features ~size/cells px: a Gaussian grid upsampled bicubically."""
     grid = rng.standard_normal((cells, cells)).astype(np.float32)
@@ -354,7 +343,7 @@ def _anatomy(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarra
     # lung markings: blotches of ~size/40 px (vessels seen end-on), stronger near the hila, plus fine grain
     markings = 0.015 * (1.0 + 1.5 * hila) * np.maximum(_smooth_noise(rng, size, max(size // 6, 4)), -1.0)
     level += lung * (markings + 0.015 * rng.standard_normal(lung.shape, dtype=np.float32))
-    level = _blur(level, 0.8 * size / 256)                                   # detector blur (MTF stand-in)
+    level = gaussian_blur(level, 0.8 * size / 256, "replicate")                                   # detector blur (MTF stand-in)
     level *= 1.0 + 0.05 * _smooth_noise(rng, size, 4)                         # smooth low-frequency variation
     image = np.clip(level, 0.0, 1.0) ** p["gamma"]
     lung[:2], lung[-2:], lung[:, :2], lung[:, -2:] = False, False, False, False   # nodules stay off the border

@@ -393,8 +393,12 @@ def test_added_density_body_recovers_a_disc_and_ignores_calcium():
 def test_gaussian_blur_keeps_shape_and_mass():
     impulse = np.zeros((21, 21))
     impulse[10, 10] = 1.0
-    blurred = metrics._gaussian_blur(impulse, 1.3)
+    blurred = metrics.gaussian_blur(impulse, 1.3)
     assert blurred.shape == impulse.shape and blurred.sum() == pytest.approx(1.0)  # far from the edges
     ys, xs = np.mgrid[0:21, 0:21] - 10
     assert (blurred * (xs ** 2)).sum() == pytest.approx(1.3 ** 2, rel=0.02)   # variance σ² along each axis
-    assert metrics._gaussian_blur(np.ones((3, 3)), 1.3).shape == (3, 3)      # kernel wider than the array
+    assert metrics.gaussian_blur(np.ones((3, 3)), 1.3).shape == (3, 3)      # kernel wider than the array
+    flat = np.full((9, 9), 0.5, np.float32)
+    kept = metrics.gaussian_blur(flat, 1.3, "replicate")                    # phantom.py's detector blur
+    assert kept.dtype == np.float32 and np.allclose(kept, 0.5)              # edges repeated: a flat field stays flat
+    assert metrics.gaussian_blur(flat, 1.3)[0, 0] < 0.4                      # zero edge: nothing outside the array
