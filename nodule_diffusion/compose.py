@@ -363,32 +363,38 @@ def composition_objective(model, names: list[str], draw_batch, generator: torch.
     vocab, scheduler = model.vocab, model.diffusion.scheduler()
     attributes = dict(n.split("=", 1) for n in names)
     with_attention = strategy == "ortho" and lambda_attn > 0
+    preserving = strategy == "ziplora" or lambda_preserve > 0  # at λ_p = 0 the teacher is never needed
     pairs, overlap = [], None
     for k, name in enumerate(names):
         batch = draw_batch(k)
         x0 = batch["x0"]
-        # 1.
+        # 1. (drawn whatever the λs, so the generator's stream does not depend on them)
         t = torch.randint(0, scheduler.num_train_timesteps, (x0.shape[0],), generator=generator).to(x0.device)
         noise = torch.randn(x0.shape, generator=generator).to(x0.device)
         xt = scheduler.add_noise(x0, noise, t)
+        if not (preserving or with_attention):
+            continue
+        own = dict([name.split("=", 1)])
         # 2.
-        with torch.no_grad():
-            lora.set_active(model.unet, [name])
-            own = dict([name.split("=", 1)])
-            teacher = model(xt, t, batch["mask"], batch["context"], attr_tensor(own, vocab, len(x0), x0.device))
+        if preserving:
+            with torch.no_grad():
+                lora.set_active(model.unet, [name])
+                teacher = model(xt, t, batch["mask"], batch["context"], attr_tensor(own, vocab, len(x0), x0.device))
         # 3.
         lora.set_active(model.unet, names)
         model.unet.set_attention_capture(with_attention)
         told = own if strategy == "ziplora" else attributes
         student = model(xt, t, batch["mask"], batch["context"], attr_tensor(told, vocab, len(x0), x0.device))
         # 4.
-        pairs.append((student, teacher, 1.0 + (model.diffusion.mask_weight - 1.0) * batch["region"]))
+        if preserving:
+            pairs.append((student, teacher, 1.0 + (model.diffusion.mask_weight - 1.0) * batch["region"]))
         # 5.
         if with_attention:
             term = mean_pair_overlap(token_attention(model, list(attributes)), batch["mask"])
             overlap = term if overlap is None else overlap + term
         model.unet.set_attention_capture(False)
-    preserve = preserve_loss(pairs)
+    lora.set_active(model.unet, names)
+    preserve = preserve_loss(pairs) if pairs else torch.zeros(())
     if strategy == "ortho":
         denoise = 0.0
         if lambda_denoise > 0:  # 6.

@@ -84,7 +84,29 @@ def test_denoising_term_is_the_composed_models_loss_on_nodules_carrying_both(tin
     attrs = diffusion.attr_tensor({"texture": "solid", "margin": "well_defined"}, model.vocab, 4, CPU)
     expected = diffusion.denoising_loss(model, scheduler, joint, model.diffusion.mask_weight, generator, attrs)
     torch.testing.assert_close(total, 2.0 * expected)
-    assert parts["denoise"] == pytest.approx(float(expected.detach())) and parts["preserve"] > 0  # logged, unweighted
+    assert parts["denoise"] == pytest.approx(float(expected.detach()))
+    assert parts["preserve"] == 0.0  # λ_p = 0: the teacher is not run, and nothing is logged as preserved
+
+
+def test_skipping_the_teacher_at_zero_preserve_weight_changes_nothing_else(tiny_base, disk_crops):
+    """At λ_p = 0 the teacher forward is skipped: the loss is the λ_p = 1 loss less its L_preserve, to the digit
+    (same t, ε, batches and attention term), so skipping saves time and changes no other term."""
+    model, _ = _with_random_adapters(tiny_base)
+    for layer in lora.lora_layers(model.unet).values():
+        for name in NAMES:
+            layer.add_merger(name)
+    single, joint = disk_crops.get(torch.arange(4, 8)), disk_crops.get(torch.arange(4))
+
+    def objective(lambda_preserve):
+        return compose.composition_objective(model, NAMES, lambda k: single, torch.Generator().manual_seed(5),
+                                             "ortho", 1.0, 0.5, 0.0, lambda_denoise=1.0,
+                                             lambda_preserve=lambda_preserve, draw_joint=lambda: joint)
+    with_teacher, parts_with = objective(1.0)
+    without, parts_without = objective(0.0)
+    assert parts_with["preserve"] > 0 and parts_with["attn"] > 0
+    torch.testing.assert_close(without, with_teacher - parts_with["preserve"])
+    for part in ("orth", "attn", "denoise"):
+        assert parts_without[part] == pytest.approx(parts_with[part])
 
 
 def test_ziplora_student_gets_the_teachers_own_condition(tiny_base, disk_crops):
