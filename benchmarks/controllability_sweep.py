@@ -32,7 +32,7 @@ from nodule_diffusion import datasets, diffusion, lora, training  # noqa: E402
 from nodule_diffusion.metrics import mean_abs_laplacian  # noqa: E402
 from nodule_diffusion.data import DEFAULT_VOCAB, NoduleCrops  # noqa: E402
 from nodule_diffusion.diffusion import DiffusionConfig, DiffusionModel, loop_state_dict  # noqa: E402
-from nodule_diffusion.evaluation import JudgeSettings, train_attribute_judge  # noqa: E402
+from nodule_diffusion.evaluation import JudgeSettings, lacking_nodules, train_attribute_judge  # noqa: E402
 from nodule_diffusion.judge import attribute_accuracy  # noqa: E402
 from nodule_diffusion.synthesis import SAMPLE_ETA, SAMPLE_STEPS, generate_for, triplet_grid  # noqa: E402
 from nodule_diffusion.training import LoopConfig  # noqa: E402
@@ -109,7 +109,7 @@ def lora_accuracy(base_state, crops, test, judge, name, config, steps, out: Path
     seconds = round(time.time() - start, 1)
     model.eval()
     attrs_all = test.get(torch.arange(len(test)))["attrs"]
-    lacking = torch.nonzero(attrs_all[:, k] != v).flatten()[:32].tolist()
+    lacking = lacking_nodules(attrs_all, k, v, 32)
     attrs = diffusion.attr_tensor({attribute: value}, DEFAULT_VOCAB, len(lacking), "cpu")
     entry = {"train_s": seconds, "sampler": f"ddim{SAMPLE_STEPS}_eta{SAMPLE_ETA:g}"}
     for suffix, steps_, eta in (("", SAMPLE_STEPS, SAMPLE_ETA), ("_ddim25_eta0", 25, 0.0)):  # default, old default

@@ -32,7 +32,7 @@ from nodule_diffusion import metrics  # noqa: E402
 from nodule_diffusion.data import NoduleCrops  # noqa: E402
 from nodule_diffusion.datasets import load_records  # noqa: E402
 from nodule_diffusion.diffusion import parse_attributes  # noqa: E402
-from nodule_diffusion.evaluation import generate_with_adapters  # noqa: E402
+from nodule_diffusion.evaluation import generate_with_adapters, lacking_nodules  # noqa: E402
 from nodule_diffusion.judge import load_judge  # noqa: E402
 from nodule_diffusion.synthesis import SAMPLE_ETA, SAMPLE_STEPS  # noqa: E402
 
@@ -58,7 +58,7 @@ def main() -> None:
     t = test.get(torch.arange(len(test)))
     columns = {name: (list(vocab).index(a), vocab[a].index(v)) for name, (a, v) in zip(names, requested.items())}
     k, v = columns[names[0]]
-    lacking = torch.nonzero(t["attrs"][:, k] != v).flatten()[:args.n].tolist()
+    lacking = lacking_nodules(t["attrs"], k, v, args.n)
     carrying = t["attrs"][:, k] == v
     result = {"run": str(run), "adapters": names, "n": len(lacking), "sampler": [args.sampler, args.steps, args.eta],
               "real_recall": float((judge.predict(t["x0"])[carrying, k] == v).float().mean()), "by_weight": {}}

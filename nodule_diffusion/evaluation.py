@@ -359,7 +359,7 @@ def controllability(ckpt: str, lora_dir: Path, names: list[str], real_train, rea
         attribute, value = name.split("=", 1)
         k, v = list(vocab).index(attribute), vocab[attribute].index(value)
         carrying = (t["attrs"][:, k] == v).numpy()
-        lacking = torch.nonzero(t["attrs"][:, k] != v).flatten()[:n].tolist()
+        lacking = lacking_nodules(t["attrs"], k, v, n)
         batch, generated = generate_with_adapters(ckpt, lora_dir, [name], test, lacking, device)
         real_v = feats_real[carrying]
         result["real_recall"][name] = float((pred_real[carrying, k] == v).float().mean()) if carrying.any() else None
@@ -371,6 +371,12 @@ def controllability(ckpt: str, lora_dir: Path, names: list[str], real_train, rea
             result["fd_judge"][name] = metrics.frechet_distance(judge.features(generated).numpy(), real_v)
             result["fd_floor"][name] = metrics.frechet_distance(real_v[0::2], real_v[1::2])
     return result
+
+
+def lacking_nodules(attrs: torch.Tensor, k: int, v: int, n: int) -> list[int]:
+    """The rule of every controllability measure: the first n nodules whose attribute column k is not value v
+    (attrs (N, A) value indices), so a LoRA for v must change what the nodule is to be judged v."""
+    return torch.nonzero(attrs[:, k] != v).flatten()[:n].tolist()
 
 
 def generate_with_adapters(ckpt: str, lora_dir: Path, names: list[str], crops, indices: list[int], device,

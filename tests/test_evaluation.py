@@ -57,3 +57,14 @@ def test_segmentation_ceiling_is_high_for_every_phantom_value():
     ceiling = evaluation.segmentation_ceiling(phantom.PhantomConfig().vocab, n=4)
     assert set(ceiling) == {f"{a}={v}" for a, values in phantom.PhantomConfig().vocab.items() for v in values}
     assert min(ceiling.values()) > 0.75
+
+
+def test_lacking_nodules_takes_the_first_n_without_the_value():
+    import torch
+
+    from nodule_diffusion import evaluation
+
+    attrs = torch.tensor([[0, 1], [1, 1], [0, 0], [2, 1], [1, 0]])  # (N, A) value indices
+    assert evaluation.lacking_nodules(attrs, 0, 0, 2) == [1, 3]
+    assert evaluation.lacking_nodules(attrs, 1, 1, 5) == [2, 4]
+    assert evaluation.lacking_nodules(attrs, 0, 3, 0) == []
