@@ -33,34 +33,45 @@ import train  # noqa: E402
 from nodule_diffusion import common  # noqa: E402
 from nodule_diffusion.diffusion import load_model  # noqa: E402
 
-TAGS = {"ortho": ("ortho", {}), "ziplora": ("ziplora", {}),
+TAGS = {"linear": ("linear", {}), "ortho": ("ortho", {}), "ziplora": ("ziplora", {}),
         **{tag: ("ortho", overrides) for tag, overrides in pb.ABLATIONS.items()},
         # with the denoising term on nodules carrying both values [OURS Eq. 1, λ_d], and then without L_preserve
         "ortho_denoise": ("ortho", {"lambda_denoise": 1.0}),
         "ortho_denoise_no_preserve": ("ortho", {"lambda_denoise": 1.0, "lambda_preserve": 0.0})}
 
 
-def run_budget(run: Path, tag: str, steps: int, s: dict, device) -> dict:
-    """Train every pair's composition of `tag` at `steps` steps, then score each pair's inserted set."""
+def result_name(tag: str, steps: int, seed: int, pool_seed: int, per_set: int) -> str:
+    """<tag>_s<steps>, then _seed<S> for another training seed and _pool<P>x<N> for another scoring pool."""
+    name = f"{tag}_s{steps}" + (f"_seed{seed}" if seed else "")
+    return name + ("" if (pool_seed, per_set) == (11, 12) else f"_pool{pool_seed}x{per_set}")
+
+
+def run_budget(run: Path, tag: str, steps: int, s: dict, device, seed: int = 0, pool_seed: int = 11) -> dict:
+    """Train every pair's composition of `tag` at `steps` steps (training seed `seed`: data draw, noise), unless it
+    exists, then score each pair's inserted set on s["per_set"] pool images of seed `pool_seed`."""
     strategy, overrides = TAGS[tag]
-    folder = pb.adapter_folder(run, run / "compose_budget" / f"{tag}_s{steps}")
+    trained = f"{tag}_s{steps}" + (f"_seed{seed}" if seed else "")
+    folder = pb.adapter_folder(run, run / "compose_budget" / trained)
     vocab = load_model(run / "base.pt", "cpu")[0].vocab
     pairs = pb.pairs_of(vocab, s)
-    base_cfg = train.TrainConfig(out_dir=str(run), n_images=s["n_images"], device=str(device))
+    base_cfg = train.TrainConfig(out_dir=str(run), n_images=s["n_images"], device=str(device), seed=seed)
     loop = train.LoopConfig(steps=steps, batch_size=s["batch_size"], sample_every=0, checkpoint_every=steps)
     t = time.time()
-    for tex, mar in pairs:
-        pb.compose_into(folder, base_cfg, loop, strategy, f"texture={tex},margin={mar}", **overrides)
+    if strategy != "linear":  # linear merges at load time: nothing to train
+        for tex, mar in pairs:
+            pb.compose_into(folder, base_cfg, loop, strategy, f"texture={tex},margin={mar}", **overrides)
     seconds = time.time() - t
-    judge, real, pool = pb.scoring_inputs(run, s, vocab, device)
+    judge, real, pool = pb.scoring_inputs(run, s, vocab, device, pool_seed)
     sets = []
+    sets_dir = folder / ("sets" if (pool_seed, s["per_set"]) == (11, 12) else f"sets_pool{pool_seed}x{s['per_set']}")
     for tex, mar in pairs:
         attrs = f"texture={tex},margin={mar}"
         scores = pb.score_set(run, judge, real, pool, attrs, strategy, folder / "lora", s,
-                              folder / "sets" / attrs.replace(",", "+"), device)
+                              sets_dir / attrs.replace(",", "+"), device)
         sets.append({"attributes": attrs, "strategy": tag, **scores})
         print(tag, steps, attrs, json.dumps(scores["accuracy"]))
-    return {"tag": tag, "steps": steps, "training_s": seconds, "sets": sets}
+    return {"tag": tag, "steps": steps, "seed": seed, "pool_seed": pool_seed, "per_set": s["per_set"],
+            "training_s": seconds if strategy != "linear" else None, "sets": sets}
 
 
 def table(run: Path) -> str:
@@ -70,17 +81,18 @@ def table(run: Path) -> str:
     if bench.is_file():
         sets = json.loads(bench.read_text())["result"]["sets"]
         for strategy in ("linear", "ortho", "ziplora"):
-            rows.append((strategy, 0 if strategy == "linear" else pb.settings(False)["compose_steps"], None,
+            rows.append((strategy, 0 if strategy == "linear" else pb.settings(False)["compose_steps"], None, "0 / 11×12",
                          [x for x in sets if x["strategy"] == strategy and x["attributes"].count("=") == 2]))
     for path in sorted((run / "compose_budget").glob("*_s*.json")):
         r = json.loads(path.read_text())
-        rows.append((r["tag"], r["steps"], r["training_s"], r["sets"]))
-    lines = ["| strategy | composition steps | training wall min (9 pairs) | texture acc | margin acc | both correct |"
-             " mask Dice |", "|---|---|---|---|---|---|---|"]
-    for tag, steps, seconds, sets in rows:
+        scored = f"{r.get('seed', 0)} / {r.get('pool_seed', 11)}×{r.get('per_set', 12)}"
+        rows.append((r["tag"], 0 if r["tag"] == "linear" else r["steps"], r["training_s"], scored, r["sets"]))
+    lines = ["| strategy | composition steps | training wall min (9 pairs) | training seed / pool seed×images |"
+             " texture acc | margin acc | both correct | mask Dice |", "|---|---|---|---|---|---|---|---|"]
+    for tag, steps, seconds, scored, sets in rows:
         m = pb.pair_means(sets)
         minutes = "" if seconds is None else f"{seconds / 60:.1f}"
-        lines.append(f"| {tag} | {steps} | {minutes} | {m['texture']:.3f} | {m['margin']:.3f} | "
+        lines.append(f"| {tag} | {steps} | {minutes} | {scored} | {m['texture']:.3f} | {m['margin']:.3f} | "
                      f"{m['all_requested']:.3f} | {m['dice']:.3f} |")
     return "\n".join(lines)
 
@@ -90,6 +102,9 @@ def main() -> None:
     parser.add_argument("--run", default="runs/benchmark", help="a phantom_benchmark.py --out_dir with its models")
     parser.add_argument("--steps", default="100", help="composition budgets, comma-separated")
     parser.add_argument("--tags", default="ortho", help="comma-separated: " + ", ".join(TAGS))
+    parser.add_argument("--seed", type=int, default=0, help="training seed of the compositions (data draw, noise)")
+    parser.add_argument("--pool_seed", type=int, default=11, help="phantom seed of the images that receive nodules")
+    parser.add_argument("--per_set", type=int, default=12, help="nodules per pair (one per pool image)")
     parser.add_argument("--table", action="store_true", help="only print the table of every result so far")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
@@ -97,11 +112,12 @@ def main() -> None:
     if not args.table:
         if not (run / "base.pt").is_file() or not (run / "lora").is_dir():
             raise common.DataError(f"{run}: no base.pt and lora/ (run benchmarks/phantom_benchmark.py first)")
-        device, s = common.resolve_device(args.device), pb.settings(False)
+        device, s = common.resolve_device(args.device), {**pb.settings(False), "per_set": args.per_set}
         for tag in pb.chosen(args.tags, tuple(TAGS), "--tags"):
             for steps in (int(x) for x in args.steps.split(",")):
-                result = run_budget(run, tag, steps, s, device)
-                common.write_json(run / "compose_budget" / f"{tag}_s{steps}.json", result)
+                result = run_budget(run, tag, steps, s, device, args.seed, args.pool_seed)
+                name = result_name(tag, steps, args.seed, args.pool_seed, args.per_set)
+                common.write_json(run / "compose_budget" / f"{name}.json", result)
     print(table(run))
 
 

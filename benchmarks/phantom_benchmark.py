@@ -177,13 +177,13 @@ def controllability(out: Path, pairs, s: dict, device, vocab: dict, ablations: b
     return results
 
 
-def scoring_inputs(out: Path, s: dict, vocab: dict, device):
+def scoring_inputs(out: Path, s: dict, vocab: dict, device, pool_seed: int = 11):
     """What every composed set is scored with: (the benchmark's judge, the models' real crops with its features as
-    the FD reference, the pool of s["per_set"] phantom images, seed 11, that receive the nodules)."""
+    the FD reference, the pool of s["per_set"] phantom images, seed `pool_seed`, that receive the nodules)."""
     judge = benchmark_judge(out, s, vocab, device)
     real_batch = evaluation.judged_crops(judge, load_records("phantom", out / "data", s["n_images"], 0, vocab),
                                          vocab, 1.4, 32)
-    return judge, real_batch, load_records("phantom", out / "data", s["per_set"], 11, vocab)
+    return judge, real_batch, load_records("phantom", out / "data", s["per_set"], pool_seed, vocab)
 
 
 def score_set(out: Path, judge, real_batch: dict, pool, attrs_text: str, strategy: str, lora_dir: Path, s: dict,
