@@ -352,8 +352,11 @@ def composition_objective(model, names: list[str], draw_batch, generator: torch.
     5. ortho: L_attn += mean over token pairs of overlap(attn_i, attn_j inside dilate(M))          [OURS Eq. 3]
     6. ortho: L_denoise = the composed model's denoising loss (diffusion.denoising_loss, c_all, uniform over t)
        on nodules carrying every composed value                                     [method.md §3, λ_d·L_denoise]
-    7. ortho:   L = λ_p·L_preserve + λ_o·L_orth(ΔW̃_1 … ΔW̃_n) + λ_a·L_attn / n + λ_d·L_denoise    [OURS Eq. 1, 2]
+    7. ortho:   L = λ_p·L_preserve + λ_o·L_orth(ΔW̃_1 … ΔW̃_n) + λ_a·L_attn + λ_d·L_denoise    [OURS Eq. 1, 2]
        ziplora: L = L_preserve + λ_z·Σ_layers Σ_{i<j} mean|m_i ⊙ m_j|                           [ZipLoRA Eq. 3]
+    Steps 1–5 run per adapter when there is an L_preserve to compute (ziplora, or λ_p > 0), or no joint batch
+    (λ_d = 0), and L_attn is then their mean; otherwise (train.py's default, λ_p = 0, λ_d > 0) the only forward
+    is step 6's, and L_attn is measured on it: one forward and backward a step instead of three.
     Why step 6: step 4 asks the composed model, told every value, to reproduce adapter k's ε on nodules that
     carry value k and any value of the other attributes, i.e. to draw the others' prior; trained longer, it
     unlearns the composition (benchmarks/RESULTS.md, "Composition budget"). L_denoise is the only term that
@@ -363,17 +366,16 @@ def composition_objective(model, names: list[str], draw_batch, generator: torch.
     vocab, scheduler = model.vocab, model.diffusion.scheduler()
     attributes = dict(n.split("=", 1) for n in names)
     with_attention = strategy == "ortho" and lambda_attn > 0
-    preserving = strategy == "ziplora" or lambda_preserve > 0  # at λ_p = 0 the teacher is never needed
-    pairs, overlap = [], None
-    for k, name in enumerate(names):
+    preserving = strategy == "ziplora" or lambda_preserve > 0
+    per_adapter = preserving or lambda_denoise == 0
+    pairs, overlaps = [], []
+    for k, name in enumerate(names if per_adapter else []):
         batch = draw_batch(k)
         x0 = batch["x0"]
-        # 1. (drawn whatever the λs, so the generator's stream does not depend on them)
+        # 1.
         t = torch.randint(0, scheduler.num_train_timesteps, (x0.shape[0],), generator=generator).to(x0.device)
         noise = torch.randn(x0.shape, generator=generator).to(x0.device)
         xt = scheduler.add_noise(x0, noise, t)
-        if not (preserving or with_attention):
-            continue
         own = dict([name.split("=", 1)])
         # 2.
         if preserving:
@@ -390,21 +392,24 @@ def composition_objective(model, names: list[str], draw_batch, generator: torch.
             pairs.append((student, teacher, 1.0 + (model.diffusion.mask_weight - 1.0) * batch["region"]))
         # 5.
         if with_attention:
-            term = mean_pair_overlap(token_attention(model, list(attributes)), batch["mask"])
-            overlap = term if overlap is None else overlap + term
+            overlaps.append(mean_pair_overlap(token_attention(model, list(attributes)), batch["mask"]))
         model.unet.set_attention_capture(False)
-    lora.set_active(model.unet, names)
     preserve = preserve_loss(pairs) if pairs else torch.zeros(())
     if strategy == "ortho":
         denoise = 0.0
         if lambda_denoise > 0:  # 6.
             batch = draw_joint()
+            lora.set_active(model.unet, names)
+            model.unet.set_attention_capture(with_attention and not per_adapter)
             denoise = denoising_loss(model, scheduler, batch, model.diffusion.mask_weight, generator,
                                      attr_tensor(attributes, vocab, len(batch["x0"]), batch["x0"].device))
+            if with_attention and not per_adapter:  # 5. on the joint batch
+                overlaps.append(mean_pair_overlap(token_attention(model, list(attributes)), batch["mask"]))
+            model.unet.set_attention_capture(False)
         # 7.
         orth = lora.orthogonality_loss([lora.adapter_factors(model.unet, n) for n in names])
-        attn = torch.zeros((), device=orth.device) if overlap is None else overlap
-        return composition_loss(preserve, orth, attn / len(names), lambda_orth, lambda_attn, denoise, lambda_denoise,
+        attn = sum(overlaps) / len(overlaps) if overlaps else torch.zeros((), device=orth.device)
+        return composition_loss(preserve, orth, attn, lambda_orth, lambda_attn, denoise, lambda_denoise,
                                 lambda_preserve)
     penalty = ziplora_penalty(model.unet, names)
     return preserve + lambda_zip * penalty, {"preserve": float(preserve), "zip": float(penalty)}
