@@ -10,12 +10,19 @@ benchmark's judge and nodule pool (phantom_benchmark.score_set), so its rows sit
     OMP_NUM_THREADS=1 python benchmarks/compose_budget.py --run runs/benchmark --steps 100 --tags ortho &
     OMP_NUM_THREADS=1 python benchmarks/compose_budget.py --run runs/benchmark --steps 100 --tags ortho_no_orth
     python benchmarks/compose_budget.py --run runs/benchmark --table
+    # the same compositions (and linear) scored on 36 other nodules per pair; a second training seed:
+    python benchmarks/compose_budget.py --run runs/benchmark --steps 100 --tags linear,ortho --pool_seed 12 --per_set 36
+    python benchmarks/compose_budget.py --run runs/benchmark --steps 100 --tags ortho --seed 1
 
-Tags: ortho, ziplora, the ablations ortho_no_orth (λ_o = 0) and ortho_no_attn (λ_a = 0), ortho_denoise (λ_d = 1:
-the denoising term on nodules carrying both values) and ortho_denoise_no_preserve (λ_d = 1, λ_p = 0). Writes
-<run>/compose_budget/<tag>_s<steps>/ (compositions and inserted sets) and <tag>_s<steps>.json (training
-seconds and scores per pair); --table prints every JSON there as one markdown table with `linear` (no training)
-from the benchmark's own controllability part.
+Tags (each with its λs in full, see TAGS): linear (no training), ziplora; ortho = method.md §3's objective (λ_p = 1,
+λ_d = 0) and its ablations ortho_no_orth (λ_o = 0) and ortho_no_attn (λ_a = 0); ortho_denoise (λ_d = 1 as well:
+the denoising term on nodules carrying both values); ortho_denoise_no_preserve (λ_p = 0, λ_d = 1: train.py's
+default), its ablations ortho_denoise_no_preserve_no_orth and ortho_denoise_no_preserve_no_attn, and
+ortho_denoise_no_preserve_lr5x (5× the mergers' learning rate). Writes
+<run>/compose_budget/<tag>_s<steps>[_seed<S>]/ (compositions and inserted sets) and <tag>_s<steps>.json (training
+seconds and scores per pair; _seed<S> with --seed, _pool<P>x<N> with another --pool_seed / --per_set, which
+re-scores existing compositions on more nodules without training them again); --table prints every JSON there
+as one markdown table with `linear` (no training) from the benchmark's own controllability part.
 """
 
 from __future__ import annotations
@@ -31,13 +38,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import phantom_benchmark as pb  # noqa: E402  (the benchmark's settings, judge, pairs and set scoring)
 import train  # noqa: E402
 from nodule_diffusion import common  # noqa: E402
-from nodule_diffusion.diffusion import load_model  # noqa: E402
+from nodule_diffusion.diffusion import composed_path, load_model  # noqa: E402
 
-TAGS = {"linear": ("linear", {}), "ortho": ("ortho", {}), "ziplora": ("ziplora", {}),
-        **{tag: ("ortho", overrides) for tag, overrides in pb.ABLATIONS.items()},
-        # with the denoising term on nodules carrying both values [OURS Eq. 1, λ_d], and then without L_preserve
-        "ortho_denoise": ("ortho", {"lambda_denoise": 1.0}),
-        "ortho_denoise_no_preserve": ("ortho", {"lambda_denoise": 1.0, "lambda_preserve": 0.0})}
+# Every tag names its λs in full, whatever train.py's defaults are, so a saved row keeps its meaning [OURS Eq. 1].
+PRESERVE = {"lambda_preserve": 1.0, "lambda_denoise": 0.0}  # method.md §3's objective (train.py's old default)
+DENOISE = {"lambda_preserve": 0.0, "lambda_denoise": 1.0}   # train.py's default since the composition budget
+TAGS = {"linear": ("linear", {}), "ziplora": ("ziplora", {}),
+        "ortho": ("ortho", PRESERVE),
+        "ortho_no_orth": ("ortho", {**PRESERVE, "lambda_orth": 0.0}),
+        "ortho_no_attn": ("ortho", {**PRESERVE, "lambda_attn": 0.0}),
+        "ortho_denoise": ("ortho", {**PRESERVE, "lambda_denoise": 1.0}),
+        "ortho_denoise_no_preserve": ("ortho", DENOISE),
+        "ortho_denoise_no_preserve_no_orth": ("ortho", {**DENOISE, "lambda_orth": 0.0}),
+        "ortho_denoise_no_preserve_no_attn": ("ortho", {**DENOISE, "lambda_attn": 0.0}),
+        # the mergers at 5× train.py's --compose_lr (0.01): do they move too little in 100 steps?
+        "ortho_denoise_no_preserve_lr5x": ("ortho", {**DENOISE, "compose_lr": 0.05})}
 
 
 def result_name(tag: str, steps: int, seed: int, pool_seed: int, per_set: int) -> str:
@@ -56,11 +71,13 @@ def run_budget(run: Path, tag: str, steps: int, s: dict, device, seed: int = 0, 
     pairs = pb.pairs_of(vocab, s)
     base_cfg = train.TrainConfig(out_dir=str(run), n_images=s["n_images"], device=str(device), seed=seed)
     loop = train.LoopConfig(steps=steps, batch_size=s["batch_size"], sample_every=0, checkpoint_every=steps)
+    names = [[f"texture={tex}", f"margin={mar}"] for tex, mar in pairs]
+    to_train = strategy != "linear" and not all(composed_path(folder, strategy, n).is_file() for n in names)
     t = time.time()
     if strategy != "linear":  # linear merges at load time: nothing to train
         for tex, mar in pairs:
             pb.compose_into(folder, base_cfg, loop, strategy, f"texture={tex},margin={mar}", **overrides)
-    seconds = time.time() - t
+    seconds = time.time() - t if to_train else None  # None: linear, or every composition was trained before
     judge, real, pool = pb.scoring_inputs(run, s, vocab, device, pool_seed)
     sets = []
     sets_dir = folder / ("sets" if (pool_seed, s["per_set"]) == (11, 12) else f"sets_pool{pool_seed}x{s['per_set']}")
@@ -71,7 +88,7 @@ def run_budget(run: Path, tag: str, steps: int, s: dict, device, seed: int = 0, 
         sets.append({"attributes": attrs, "strategy": tag, **scores})
         print(tag, steps, attrs, json.dumps(scores["accuracy"]))
     return {"tag": tag, "steps": steps, "seed": seed, "pool_seed": pool_seed, "per_set": s["per_set"],
-            "training_s": seconds if strategy != "linear" else None, "sets": sets}
+            "training_s": seconds, "sets": sets}
 
 
 def table(run: Path) -> str:
@@ -81,7 +98,8 @@ def table(run: Path) -> str:
     if bench.is_file():
         sets = json.loads(bench.read_text())["result"]["sets"]
         for strategy in ("linear", "ortho", "ziplora"):
-            rows.append((strategy, 0 if strategy == "linear" else pb.settings(False)["compose_steps"], None, "0 / 11×12",
+            steps = 0 if strategy == "linear" else pb.settings(False)["compose_steps"]
+            rows.append((strategy, steps, None, "0 / 11×12",
                          [x for x in sets if x["strategy"] == strategy and x["attributes"].count("=") == 2]))
     for path in sorted((run / "compose_budget").glob("*_s*.json")):
         r = json.loads(path.read_text())
