@@ -89,8 +89,10 @@ class TrainConfig:
     lora_init: str = "kaiming"  # kaiming | orthogonal_bases (fixed disjoint A per value, only B trains)
     lambda_orth: float = 1.0  # weight of L_orth [OURS]
     lambda_attn: float = 0.1  # weight of L_attn [OURS]
-    lambda_denoise: float = 0.0  # weight of L_denoise, on nodules carrying every composed value [OURS]
-    lambda_preserve: float = 1.0  # weight of L_preserve, the distillation from each adapter alone [OURS]
+    # DEVIATION: λ_d = 1, λ_p = 0 rather than method.md §3's L_preserve-led objective: trained 100 steps, L_preserve
+    # unlearns the composition (both correct 0.17 against linear's 0.48; benchmarks/RESULTS.md, "Composition budget")
+    lambda_denoise: float = 1.0  # weight of L_denoise, on nodules carrying every composed value [OURS]
+    lambda_preserve: float = 0.0  # weight of L_preserve, the distillation from each adapter alone [OURS]
     lambda_zip: float = 0.01  # ZipLoRA's merger-similarity weight [ZipLoRA §4]
     lora_lr: float = 2e-3  # LoRA learning rate: B starts at 0 and a CPU budget allows ~200 steps [LoRA §4.1]
     compose_lr: float = 0.01  # merger learning rate: m starts at 1 and must move within a few dozen steps

@@ -37,6 +37,9 @@ Deviations
     variants); peft's variants acting on stacked A's and B's separately are a heuristic and are not provided.
     DEVIATION: svd's clamp clips U_k and V_kᵀ before multiplying by S_k (peft clips U_k·S_k and V_kᵀ).
     DEVIATION: attention overlap (soft-IoU of min-max normalised maps inside the dilated mask) is our proposal.
+    DEVIATION: train.py trains `ortho` with λ_p = 0, λ_d = 1 by default, not method.md §3's distillation-led
+    objective (this function's own defaults): trained 100 steps, L_preserve unlearns the composition
+    (benchmarks/RESULTS.md, "Composition budget").
 """
 
 from __future__ import annotations

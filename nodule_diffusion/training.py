@@ -287,7 +287,7 @@ def train_compose(model: DiffusionModel, crops: NoduleCrops, names: list[str], s
         joint = joint[torch.isin(joint, subset)]  # nodules carrying every composed value
     if lambda_denoise > 0 and len(joint) == 0:
         raise DataError(f"--lambda_denoise {lambda_denoise}: no training nodule carries all of {', '.join(names)}; "
-                        "give such nodules or use --lambda_denoise 0")
+                        "give such nodules, or use --lambda_denoise 0 --lambda_preserve 1 (distil each adapter alone)")
     model.requires_grad_(False)
     for layer in lora.lora_layers(model.unet).values():
         for n in names:
