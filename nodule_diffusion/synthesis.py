@@ -5,7 +5,9 @@ Reading order (one call chain, sample.py → synthesize):
     generate_crops    the reverse chain (schedulers.sample_loop) for a batch of crops, noise seeded per (seed, index)
     request_mask      the requested nodule shape: a mask PNG, or an ellipse of a given diameter (seeded)
     paste             feathered paste-back: pixels outside the nodule region are bit-identical to the input
+    model_inputs      the crop, mask, region and masked context the model sees for one request
     insert_nodules    crop → generate → paste for every request of one image, at any pixel spacing
+    first_crops       the first nodule of up to FIRST_BATCH images generated in one batch
     random_requests   nodules drawn inside the lung fields (sizes and attribute mix configurable)
     synthesize        every image of a set: insert, write images (derived.write_derived: the source's format, its
                       stored values kept outside the nodules), annotations.csv, COCO JSON, contact sheet
@@ -174,8 +176,24 @@ def _resize(arr: np.ndarray, size: int, resample) -> np.ndarray:
     return np.asarray(Image.fromarray(arr.astype(np.float32), mode="F").resize((size, size), resample), np.float32)
 
 
+def model_inputs(image: np.ndarray, req: Request, crop_size: int, scale: float, reach: float = REGION_REACH):
+    """What the model sees for one request in `image`: (patch, (top, left), work, mask, region, weight, x0, context).
+    patch: the native window around the centre; work: it at the working resolution (S, S); mask, region, weight
+    (S, S); x0, context (1, 1, S, S) in [-1, 1], the context zero inside the region."""
+    native = max(1, round(crop_size / scale))
+    patch, corner = crop_at(image, req.cx, req.cy, native)
+    work = _resize(patch, crop_size, Image.BOX) if native != crop_size else patch
+    mask = request_mask(req, crop_size, scale)
+    if mask.sum() == 0:
+        raise DataError(f"nodule request at ({req.cx:.0f}, {req.cy:.0f}) has an empty mask")
+    region, weight = feather(mask, reach)
+    x0 = torch.from_numpy(work * 2 - 1)[None, None]  # (1, 1, S, S) in [-1, 1]
+    context = x0 * torch.from_numpy(1.0 - region.astype(np.float32))[None, None]
+    return patch, corner, work, mask, region, weight, x0, context
+
+
 def insert_nodules(image: np.ndarray, requests: list[Request], generate, crop_size: int, scale: float = 1.0,
-                   reach: float = REGION_REACH) -> tuple[np.ndarray, list[np.ndarray]]:
+                   reach: float = REGION_REACH, first: np.ndarray | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
     """Insert every request into `image` (float32 (H, W) in [0, 1]); returns (new image, full-size bool masks).
 
     `scale` = working-resolution pixels per image pixel (1 when the image already has the model's spacing):
@@ -183,23 +201,20 @@ def insert_nodules(image: np.ndarray, requests: list[Request], generate, crop_si
     working resolution, and only the change is resampled back, so anatomy is never blurred outside the nodule.
     `generate(masks (B,1,S,S), contexts (B,1,S,S), requests, originals (B,1,S,S)) -> x0 (B,1,S,S)` in [-1, 1]
     (the diffusion model sees only the masked context; the insertion baselines add onto the original crop).
-    Requests are processed one after another so that overlapping nodules see each other.
+    Requests are processed one after another so that overlapping nodules see each other; `first` (S, S), if
+    given, is the generated crop of requests[0] (its inputs depend on `image` alone; synthesize batches those).
     A nodule adds attenuation (design §4): only the generated excess over the original crop is pasted,
     max(generated − original, 0), so an insertion never lowers the density of any pixel, and the nodule is
     lifted where needed so that it is never less dense than the ring around it (no_darker_than_surround).
     """
     out, full_masks = image.astype(np.float32).copy(), []
     native = max(1, round(crop_size / scale))
-    for req in requests:
-        patch, (top, left) = crop_at(out, req.cx, req.cy, native)
-        work = _resize(patch, crop_size, Image.BOX) if native != crop_size else patch
-        mask = request_mask(req, crop_size, scale)
-        if mask.sum() == 0:
-            raise DataError(f"nodule request at ({req.cx:.0f}, {req.cy:.0f}) has an empty mask")
-        region, weight = feather(mask, reach)
-        x0 = torch.from_numpy(work * 2 - 1)[None, None]  # (1, 1, S, S) in [-1, 1]
-        context = x0 * torch.from_numpy(1.0 - region.astype(np.float32))[None, None]
-        gen = generate(torch.from_numpy(mask)[None, None], context, [req], x0)[0, 0].cpu().numpy()
+    for i, req in enumerate(requests):
+        patch, (top, left), work, mask, region, weight, x0, context = model_inputs(out, req, crop_size, scale, reach)
+        if i == 0 and first is not None:
+            gen = first
+        else:
+            gen = generate(torch.from_numpy(mask)[None, None], context, [req], x0)[0, 0].cpu().numpy()
         gen01 = work + np.maximum((gen + 1) / 2 - work, 0.0)  # density only added
         if native != crop_size:  # resample the change and the weight back to the image's pixels
             delta = _resize(gen01 - work, native, Image.BILINEAR)
@@ -286,6 +301,29 @@ def contact_sheet(crops: list[np.ndarray], labels: list[str], path, columns: int
 
 
 # ----------------------------------------------------------------------------------------------- synthetic sets
+# Images whose first nodule is generated in one batch: 1.9× faster than one at a time on one CPU thread, and at
+# most this many source images (full-size DICOMs included) are held in memory at once.
+FIRST_BATCH = 16
+
+
+def first_crops(chunk, generate, crop_size: int) -> list[np.ndarray | None]:
+    """The generated (S, S) crop of the first request of every image in `chunk` ((record, image, spacing, scale,
+    requests) tuples), in one `generate` call: its inputs depend on the source image alone. None where no request.
+    Each output's noise comes from its own (seed, index) generator, so batching changes no draw."""
+    firsts = [None] * len(chunk)
+    items = [(i, todo[0], model_inputs(image.astype(np.float32), todo[0], crop_size, scale))
+             for i, (_, image, _, scale, todo) in enumerate(chunk) if todo]
+    if not items:
+        return firsts
+    masks = torch.cat([torch.from_numpy(inputs[3])[None, None] for _, _, inputs in items])  # (B, 1, S, S)
+    contexts = torch.cat([inputs[7] for _, _, inputs in items])                             # (B, 1, S, S)
+    originals = torch.cat([inputs[6] for _, _, inputs in items])                            # (B, 1, S, S)
+    generated = generate(masks, contexts, [req for _, req, _ in items], originals)
+    for (i, _, _), crop in zip(items, generated):
+        firsts[i] = crop[0].cpu().numpy()
+    return firsts
+
+
 def synthesize(records: list[ImageRecord], generate, out_dir: Path, vocab: dict, spacing_mm: float,
                crop_size: int, attributes: dict, per_image: int, diameter_mm: tuple[float, float], seed: int,
                requests: dict | None = None, derived_out: bool = True,
@@ -304,52 +342,71 @@ def synthesize(records: list[ImageRecord], generate, out_dir: Path, vocab: dict,
     out_dir.mkdir(parents=True, exist_ok=True)
     out_records, sizes, crops, labels, index = [], [], [], [], 0
     rng = np.random.default_rng(seed)
-    for rec in tqdm(records, desc="insert", **progress_options()):
-        image = read_image(rec.image, rec.frame)
-        spacing = rec.spacing_mm or spacing_mm
-        scale = spacing / spacing_mm  # working pixels per image pixel
-        todo = (requests or {}).get(str(rec.image))
-        if todo is None:
-            # Label only what the model is asked for: `generate` conditions on `attributes` alone, so drawing the
-            # other attributes at random would write labels the nodule was never generated with.
-            requested = {a: vocab[a] for a in attributes}
-            todo = random_requests(image, per_image, spacing, rng, requested, attributes, diameter_mm, seed, index)
-        index += len(todo)
-        new_image, masks = insert_nodules(image, todo, generate, crop_size, scale)
-        source = Path(rec.image)
-        if final_dir is not None and Path(out_dir).resolve() in source.resolve().parents:
-            source = Path(final_dir).resolve() / source.resolve().relative_to(Path(out_dir).resolve())
-        tag = hashlib.sha256(f"{source}|{rec.frame}".encode()).hexdigest()[:8]  # same name, other folder or frame
-        stem = f"{source.stem}_{tag}_syn{seed}"
-        write_back = derived_out and derived.can_write_back(rec.image)
-        target = out_dir / "images" / (stem + (derived.derived_suffix(rec.image) if write_back else ".png"))
-        nodules = [replace(n, extra={**n.extra, "synthetic": "0"}) for n in rec.nodules]
-        for req, mask in zip(todo, masks):
-            ys, xs = np.nonzero(mask)
-            box = (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))
-            mask_path = out_dir / "masks" / f"{stem}_{req.index}.png"
-            save_image_png(mask_path, mask.astype(np.uint8) * 255)
-            nodules.append(Nodule(box=box, attributes=dict(req.attributes), mask=mask_path,
-                                  diameter_mm=None if req.diameter_px is None else req.diameter_px * spacing,
-                                  extra={"synthetic": "1", "seed": str(req.seed), "index": str(req.index),
-                                         "source": str(source)}))
-            patch = image_crop(new_image, box)
-            crops.append(patch)
-            labels.append(",".join(v[:5] for v in req.attributes.values()) or "nodule")
-        if write_back:  # the source's stored values outside the nodules, bit for bit, at native resolution
-            desc = "; ".join(f"nodule {n.extra.get('index')} {n.attributes} box {[round(v) for v in n.box]}"
-                             for n in nodules if n.extra.get("synthetic") == "1")
-            derived.write_derived(rec.image, image, new_image, new_image != image, target, frame=rec.frame,
-                                  description=f"nodule_diffusion synthetic: {desc}")
-        else:
-            save_image_png(target, new_image)
-        out_records.append(ImageRecord(image=target, nodules=nodules, spacing_mm=spacing,
-                                       frame=rec.frame if write_back else None))
-        sizes.append(new_image.shape)
+    bar = tqdm(total=len(records), desc="insert", **progress_options())
+    for start in range(0, len(records), FIRST_BATCH):
+        chunk = []  # (record, image, spacing, scale, requests), in the order the requests are drawn
+        for rec in records[start:start + FIRST_BATCH]:
+            image = read_image(rec.image, rec.frame)
+            spacing = rec.spacing_mm or spacing_mm
+            scale = spacing / spacing_mm  # working pixels per image pixel
+            todo = (requests or {}).get(str(rec.image))
+            if todo is None:
+                # Label only what the model is asked for: `generate` conditions on `attributes` alone, so drawing
+                # the other attributes at random would write labels the nodule was never generated with.
+                requested = {a: vocab[a] for a in attributes}
+                todo = random_requests(image, per_image, spacing, rng, requested, attributes, diameter_mm, seed,
+                                       index)
+            index += len(todo)
+            chunk.append((rec, image, spacing, scale, todo))
+        for (rec, image, spacing, scale, todo), first in zip(chunk, first_crops(chunk, generate, crop_size)):
+            new_image, masks = insert_nodules(image, todo, generate, crop_size, scale, first=first)
+            record, patches, names = _write_inserted(rec, image, new_image, todo, masks, spacing, out_dir, seed,
+                                                     derived_out, final_dir)
+            out_records.append(record)
+            sizes.append(new_image.shape)
+            crops += patches
+            labels += names
+            bar.update(1)
+    bar.close()
     write_annotations(out_dir / "annotations.csv", out_records, vocab)
     write_coco(out_dir / "annotations.json", out_records, sizes)
     contact_sheet(crops[:64], labels[:64], out_dir / "contact_sheet.png")
     return out_records
+
+
+def _write_inserted(rec: ImageRecord, image, new_image, todo: list[Request], masks, spacing: float, out_dir: Path,
+                    seed: int, derived_out: bool, final_dir: Path | None):
+    """Write one image with its inserted nodules (masks as PNGs) and return (its record, contact-sheet crops,
+    their labels). Source nodules are kept with extra synthetic=0, inserted ones get synthetic=1, seed, index."""
+    source = Path(rec.image)
+    if final_dir is not None and Path(out_dir).resolve() in source.resolve().parents:
+        source = Path(final_dir).resolve() / source.resolve().relative_to(Path(out_dir).resolve())
+    tag = hashlib.sha256(f"{source}|{rec.frame}".encode()).hexdigest()[:8]  # same name, other folder or frame
+    stem = f"{source.stem}_{tag}_syn{seed}"
+    write_back = derived_out and derived.can_write_back(rec.image)
+    target = out_dir / "images" / (stem + (derived.derived_suffix(rec.image) if write_back else ".png"))
+    nodules = [replace(n, extra={**n.extra, "synthetic": "0"}) for n in rec.nodules]
+    patches, names = [], []  # contact-sheet crops and their labels
+    for req, mask in zip(todo, masks):
+        ys, xs = np.nonzero(mask)
+        box = (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))
+        mask_path = out_dir / "masks" / f"{stem}_{req.index}.png"
+        save_image_png(mask_path, mask.astype(np.uint8) * 255)
+        nodules.append(Nodule(box=box, attributes=dict(req.attributes), mask=mask_path,
+                              diameter_mm=None if req.diameter_px is None else req.diameter_px * spacing,
+                              extra={"synthetic": "1", "seed": str(req.seed), "index": str(req.index),
+                                     "source": str(source)}))
+        patches.append(image_crop(new_image, box))
+        names.append(",".join(v[:5] for v in req.attributes.values()) or "nodule")
+    if write_back:  # the source's stored values outside the nodules, bit for bit, at native resolution
+        desc = "; ".join(f"nodule {n.extra.get('index')} {n.attributes} box {[round(v) for v in n.box]}"
+                         for n in nodules if n.extra.get("synthetic") == "1")
+        derived.write_derived(rec.image, image, new_image, new_image != image, target, frame=rec.frame,
+                              description=f"nodule_diffusion synthetic: {desc}")
+    else:
+        save_image_png(target, new_image)
+    record = ImageRecord(image=target, nodules=nodules, spacing_mm=spacing, frame=rec.frame if write_back else None)
+    return record, patches, names
 
 
 def image_crop(image: np.ndarray, box, size: int = 40) -> np.ndarray:
