@@ -55,18 +55,24 @@ TAGS = {"linear": ("linear", {}), "ziplora": ("ziplora", {}),
         "ortho_denoise_no_preserve_lr5x": ("ortho", {**DENOISE, "compose_lr": 0.05})}
 
 
-def result_name(tag: str, steps: int, seed: int, pool_seed: int, per_set: int) -> str:
-    """<tag>_s<steps>, then _seed<S> for another training seed and _pool<P>x<N> for another scoring pool."""
-    name = f"{tag}_s{steps}" + (f"_seed{seed}" if seed else "")
-    return name + ("" if (pool_seed, per_set) == (11, 12) else f"_pool{pool_seed}x{per_set}")
+BENCHMARK_POOL = (11, 12)  # the benchmark's own scoring pool: phantom seed 11, 12 images (one nodule each)
+
+
+def trained_name(tag: str, steps: int, seed: int) -> str:
+    """The folder of a tag's compositions: <tag>_s<steps>, then _seed<S> for another training seed."""
+    return f"{tag}_s{steps}" + (f"_seed{seed}" if seed else "")
+
+
+def pool_suffix(pool_seed: int, per_set: int) -> str:
+    """'' for the benchmark's pool, else _pool<P>x<N>: on the JSON of a result and on its sets/ folder."""
+    return "" if (pool_seed, per_set) == BENCHMARK_POOL else f"_pool{pool_seed}x{per_set}"
 
 
 def run_budget(run: Path, tag: str, steps: int, s: dict, device, seed: int = 0, pool_seed: int = 11) -> dict:
     """Train every pair's composition of `tag` at `steps` steps (training seed `seed`: data draw, noise), unless it
     exists, then score each pair's inserted set on s["per_set"] pool images of seed `pool_seed`."""
     strategy, overrides = TAGS[tag]
-    trained = f"{tag}_s{steps}" + (f"_seed{seed}" if seed else "")
-    folder = pb.adapter_folder(run, run / "compose_budget" / trained)
+    folder = pb.adapter_folder(run, run / "compose_budget" / trained_name(tag, steps, seed))
     vocab = load_model(run / "base.pt", "cpu")[0].vocab
     pairs = pb.pairs_of(vocab, s)
     base_cfg = train.TrainConfig(out_dir=str(run), n_images=s["n_images"], device=str(device), seed=seed)
@@ -80,7 +86,7 @@ def run_budget(run: Path, tag: str, steps: int, s: dict, device, seed: int = 0, 
     seconds = time.time() - t if to_train else None  # None: linear, or every composition was trained before
     judge, real, pool = pb.scoring_inputs(run, s, vocab, device, pool_seed)
     sets = []
-    sets_dir = folder / ("sets" if (pool_seed, s["per_set"]) == (11, 12) else f"sets_pool{pool_seed}x{s['per_set']}")
+    sets_dir = folder / ("sets" + pool_suffix(pool_seed, s["per_set"]))
     for tex, mar in pairs:
         attrs = f"texture={tex},margin={mar}"
         scores = pb.score_set(run, judge, real, pool, attrs, strategy, folder / "lora", s,
@@ -99,18 +105,20 @@ def table(run: Path) -> str:
         sets = json.loads(bench.read_text())["result"]["sets"]
         for strategy in ("linear", "ortho", "ziplora"):
             steps = 0 if strategy == "linear" else pb.settings(False)["compose_steps"]
-            rows.append((strategy, steps, None, "0 / 11×12",
+            rows.append((strategy, steps, None, 0, BENCHMARK_POOL,
                          [x for x in sets if x["strategy"] == strategy and x["attributes"].count("=") == 2]))
     for path in sorted((run / "compose_budget").glob("*_s*.json")):
         r = json.loads(path.read_text())
-        scored = f"{r.get('seed', 0)} / {r.get('pool_seed', 11)}×{r.get('per_set', 12)}"
-        rows.append((r["tag"], 0 if r["tag"] == "linear" else r["steps"], r["training_s"], scored, r["sets"]))
+        pool = (r.get("pool_seed", BENCHMARK_POOL[0]), r.get("per_set", BENCHMARK_POOL[1]))
+        rows.append((r["tag"], 0 if r["tag"] == "linear" else r["steps"], r["training_s"], r.get("seed", 0), pool,
+                     r["sets"]))
     lines = ["| strategy | composition steps | training wall min (9 pairs) | training seed / pool seed×images |"
              " texture acc | margin acc | both correct | mask Dice |", "|---|---|---|---|---|---|---|---|"]
-    for tag, steps, seconds, scored, sets in rows:
+    for tag, steps, seconds, seed, (pool_seed, per_set), sets in rows:
         m = pb.pair_means(sets)
         minutes = "" if seconds is None else f"{seconds / 60:.1f}"
-        lines.append(f"| {tag} | {steps} | {minutes} | {scored} | {m['texture']:.3f} | {m['margin']:.3f} | "
+        lines.append(f"| {tag} | {steps} | {minutes} | {seed} / {pool_seed}×{per_set} | {m['texture']:.3f} | "
+                     f"{m['margin']:.3f} | "
                      f"{m['all_requested']:.3f} | {m['dice']:.3f} |")
     return "\n".join(lines + ["", pooled(rows)])
 
@@ -122,22 +130,21 @@ def pooled(rows) -> str:
     """Rows of one (tag, steps, training seed) scored on several pools, as one: each pool's mean over the pairs,
     weighted by its nodules (12 or 36 per pair), so the estimate rests on 432 nodules instead of 108 or 324."""
     groups: dict[tuple, dict] = {}
-    for tag, steps, _, scored, sets in rows:  # a later row of the same pool (this script's) replaces an earlier one
-        seed, pool = scored.split(" / ")
+    for tag, steps, _, seed, pool, sets in rows:  # a later row of the same pool (this script's) replaces an earlier
         means = pb.pair_means(sets)
         for margin in MARGINS:  # both correct over the three pairs with this margin
             means[margin] = pb.pair_means([x for x in sets if x["attributes"].endswith(f"margin={margin}")])[
                 "all_requested"]
-        groups.setdefault((tag, steps, seed), {})[pool] = (int(pool.split("×")[1]), means)
+        groups.setdefault((tag, steps, seed), {})[pool] = (pool[1] * len(sets), means)  # (nodules, means)
     lines = ["| strategy | composition steps | training seed | pools | nodules | texture acc | margin acc | "
              "both correct | both correct, well / ill / spiculated margin |", "|---|---|---|---|---|---|---|---|---|"]
     for (tag, steps, seed), by_pool in groups.items():
         scores = list(by_pool.values())
         if len(scores) < 2:
             continue
-        n = sum(per_set for per_set, _ in scores)
-        mean = lambda k: sum(per_set * m[k] for per_set, m in scores) / n  # noqa: E731
-        lines.append(f"| {tag} | {steps} | {seed} | {len(scores)} | {9 * n} | {mean('texture'):.3f} | "
+        n = sum(nodules for nodules, _ in scores)
+        mean = lambda k: sum(nodules * m[k] for nodules, m in scores) / n  # noqa: E731
+        lines.append(f"| {tag} | {steps} | {seed} | {len(scores)} | {n} | {mean('texture'):.3f} | "
                      f"{mean('margin'):.3f} | {mean('all_requested'):.3f} | "
                      + " / ".join(f"{mean(m):.2f}" for m in MARGINS) + " |")
     return "\n".join(lines)
@@ -149,8 +156,9 @@ def main() -> None:
     parser.add_argument("--steps", default="100", help="composition budgets, comma-separated")
     parser.add_argument("--tags", default="ortho", help="comma-separated: " + ", ".join(TAGS))
     parser.add_argument("--seed", type=int, default=0, help="training seed of the compositions (data draw, noise)")
-    parser.add_argument("--pool_seed", type=int, default=11, help="phantom seed of the images that receive nodules")
-    parser.add_argument("--per_set", type=int, default=12, help="nodules per pair (one per pool image)")
+    parser.add_argument("--pool_seed", type=int, default=BENCHMARK_POOL[0],
+                        help="phantom seed of the images that receive nodules")
+    parser.add_argument("--per_set", type=int, default=BENCHMARK_POOL[1], help="nodules per pair (one per pool image)")
     parser.add_argument("--table", action="store_true", help="only print the table of every result so far")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
@@ -162,7 +170,7 @@ def main() -> None:
         for tag in pb.chosen(args.tags, tuple(TAGS), "--tags"):
             for steps in (int(x) for x in args.steps.split(",")):
                 result = run_budget(run, tag, steps, s, device, args.seed, args.pool_seed)
-                name = result_name(tag, steps, args.seed, args.pool_seed, args.per_set)
+                name = trained_name(tag, steps, args.seed) + pool_suffix(args.pool_seed, args.per_set)
                 common.write_json(run / "compose_budget" / f"{name}.json", result)
     print(table(run))
 
