@@ -20,8 +20,10 @@ the noise of every DDIM/DDPM step is drawn from it, so a result does not depend 
 from __future__ import annotations
 
 import hashlib
+import itertools
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -176,10 +178,24 @@ def _resize(arr: np.ndarray, size: int, resample) -> np.ndarray:
     return np.asarray(Image.fromarray(arr.astype(np.float32), mode="F").resize((size, size), resample), np.float32)
 
 
-def model_inputs(image: np.ndarray, req: Request, crop_size: int, scale: float, reach: float = REGION_REACH):
-    """What the model sees for one request in `image`: (patch, (top, left), work, mask, region, weight, x0, context).
-    patch: the native window around the centre; work: it at the working resolution (S, S); mask, region, weight
-    (S, S); x0, context (1, 1, S, S) in [-1, 1], the context zero inside the region."""
+class ModelInputs(NamedTuple):
+    """What the model sees for one request: patch = the native window around the centre, corner = its (top, left);
+    work = the patch at the working resolution (S, S); mask, region, weight (S, S); x0, context (1, 1, S, S) in
+    [-1, 1], the context zero inside the region."""
+
+    patch: np.ndarray
+    corner: tuple[int, int]
+    work: np.ndarray
+    mask: np.ndarray
+    region: np.ndarray
+    weight: np.ndarray
+    x0: torch.Tensor
+    context: torch.Tensor
+
+
+def model_inputs(image: np.ndarray, req: Request, crop_size: int, scale: float,
+                 reach: float = REGION_REACH) -> ModelInputs:
+    """The ModelInputs of one request in `image` (float32 (H, W) in [0, 1]) at `scale` working px per image px."""
     native = max(1, round(crop_size / scale))
     patch, corner = crop_at(image, req.cx, req.cy, native)
     work = _resize(patch, crop_size, Image.BOX) if native != crop_size else patch
@@ -189,7 +205,7 @@ def model_inputs(image: np.ndarray, req: Request, crop_size: int, scale: float, 
     region, weight = feather(mask, reach)
     x0 = torch.from_numpy(work * 2 - 1)[None, None]  # (1, 1, S, S) in [-1, 1]
     context = x0 * torch.from_numpy(1.0 - region.astype(np.float32))[None, None]
-    return patch, corner, work, mask, region, weight, x0, context
+    return ModelInputs(patch, corner, work, mask, region, weight, x0, context)
 
 
 def insert_nodules(image: np.ndarray, requests: list[Request], generate, crop_size: int, scale: float = 1.0,
@@ -315,9 +331,9 @@ def first_crops(chunk, generate, crop_size: int) -> list[np.ndarray | None]:
              for i, (_, image, _, scale, todo) in enumerate(chunk) if todo]
     if not items:
         return firsts
-    masks = torch.cat([torch.from_numpy(inputs[3])[None, None] for _, _, inputs in items])  # (B, 1, S, S)
-    contexts = torch.cat([inputs[7] for _, _, inputs in items])                             # (B, 1, S, S)
-    originals = torch.cat([inputs[6] for _, _, inputs in items])                            # (B, 1, S, S)
+    masks = torch.cat([torch.from_numpy(inputs.mask)[None, None] for _, _, inputs in items])  # (B, 1, S, S)
+    contexts = torch.cat([inputs.context for _, _, inputs in items])                          # (B, 1, S, S)
+    originals = torch.cat([inputs.x0 for _, _, inputs in items])                              # (B, 1, S, S)
     generated = generate(masks, contexts, [req for _, req, _ in items], originals)
     for (i, _, _), crop in zip(items, generated):
         firsts[i] = crop[0].cpu().numpy()
@@ -340,24 +356,10 @@ def synthesize(records: list[ImageRecord], generate, out_dir: Path, vocab: dict,
     out_dir are recorded as under final_dir.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    out_records, sizes, crops, labels, index = [], [], [], [], 0
-    rng = np.random.default_rng(seed)
+    out_records, sizes, crops, labels = [], [], [], []
+    prepared = _prepared(records, requests, vocab, spacing_mm, attributes, per_image, diameter_mm, seed)
     bar = tqdm(total=len(records), desc="insert", **progress_options())
-    for start in range(0, len(records), FIRST_BATCH):
-        chunk = []  # (record, image, spacing, scale, requests), in the order the requests are drawn
-        for rec in records[start:start + FIRST_BATCH]:
-            image = read_image(rec.image, rec.frame)
-            spacing = rec.spacing_mm or spacing_mm
-            scale = spacing / spacing_mm  # working pixels per image pixel
-            todo = (requests or {}).get(str(rec.image))
-            if todo is None:
-                # Label only what the model is asked for: `generate` conditions on `attributes` alone, so drawing
-                # the other attributes at random would write labels the nodule was never generated with.
-                requested = {a: vocab[a] for a in attributes}
-                todo = random_requests(image, per_image, spacing, rng, requested, attributes, diameter_mm, seed,
-                                       index)
-            index += len(todo)
-            chunk.append((rec, image, spacing, scale, todo))
+    while chunk := list(itertools.islice(prepared, FIRST_BATCH)):  # at most FIRST_BATCH source images in memory
         for (rec, image, spacing, scale, todo), first in zip(chunk, first_crops(chunk, generate, crop_size)):
             new_image, masks = insert_nodules(image, todo, generate, crop_size, scale, first=first)
             record, patches, names = _write_inserted(rec, image, new_image, todo, masks, spacing, out_dir, seed,
@@ -372,6 +374,23 @@ def synthesize(records: list[ImageRecord], generate, out_dir: Path, vocab: dict,
     write_coco(out_dir / "annotations.json", out_records, sizes)
     contact_sheet(crops[:64], labels[:64], out_dir / "contact_sheet.png")
     return out_records
+
+
+def _prepared(records, requests, vocab, spacing_mm, attributes, per_image, diameter_mm, seed):
+    """Yield (record, image, spacing, scale, requests) per record, read lazily, requests drawn in record order:
+    the given ones, or `per_image` random ones in the lung field (one rng for the set, indices counting on)."""
+    rng, index = np.random.default_rng(seed), 0
+    for rec in records:
+        image = read_image(rec.image, rec.frame)
+        spacing = rec.spacing_mm or spacing_mm
+        todo = (requests or {}).get(str(rec.image))
+        if todo is None:
+            # Label only what the model is asked for: `generate` conditions on `attributes` alone, so drawing the
+            # other attributes at random would write labels the nodule was never generated with.
+            requested = {a: vocab[a] for a in attributes}
+            todo = random_requests(image, per_image, spacing, rng, requested, attributes, diameter_mm, seed, index)
+        index += len(todo)
+        yield rec, image, spacing, spacing / spacing_mm, todo  # scale: working pixels per image pixel
 
 
 def _write_inserted(rec: ImageRecord, image, new_image, todo: list[Request], masks, spacing: float, out_dir: Path,
