@@ -64,6 +64,10 @@ def test_ortho_composition_lowers_orthogonality_and_attention_overlap(tiny_base,
     assert after[1] < before[1], (before, after)
 
 
+def _no_single_batch(k):
+    raise AssertionError("at λ_p = 0 with λ_d > 0 no per-adapter batch is drawn")
+
+
 def test_denoising_term_is_the_composed_models_loss_on_nodules_carrying_both(tiny_base, disk_crops):
     """λ_d·L_denoise [OURS Eq. 1]: with λ_p = λ_o = λ_a = 0 the objective is exactly diffusion.denoising_loss of
     the composed model, told both values, on the batch draw_joint gives (the generator in the same state)."""
@@ -71,7 +75,7 @@ def test_denoising_term_is_the_composed_models_loss_on_nodules_carrying_both(tin
     for layer in lora.lora_layers(model.unet).values():
         for name in NAMES:
             layer.add_merger(name)
-    single, joint = disk_crops.get(torch.arange(4, 8)), disk_crops.get(torch.arange(4))
+    joint = disk_crops.get(torch.arange(4))
     total, parts = compose.composition_objective(model, NAMES, _no_single_batch, torch.Generator().manual_seed(3),
                                                  "ortho", 0.0, 0.0, 0.0, lambda_denoise=2.0, lambda_preserve=0.0,
                                                  draw_joint=lambda: joint)
@@ -83,10 +87,6 @@ def test_denoising_term_is_the_composed_models_loss_on_nodules_carrying_both(tin
     torch.testing.assert_close(total, 2.0 * expected)
     assert parts["denoise"] == pytest.approx(float(expected.detach()))
     assert parts["preserve"] == 0.0  # λ_p = 0: the teacher is not run, and nothing is logged as preserved
-
-
-def _no_single_batch(k):
-    raise AssertionError("at λ_p = 0 with λ_d > 0 no per-adapter batch is drawn")
 
 
 def test_at_zero_preserve_weight_the_joint_forward_gives_the_attention_term(tiny_base, disk_crops):
