@@ -98,13 +98,16 @@ def run_budget(run: Path, tag: str, steps: int, s: dict, device, seed: int = 0, 
 
 
 def table(run: Path) -> str:
-    """Every <tag>_s<steps>.json of the run, and the benchmark's own rows (15 steps, and linear)."""
+    """Every <tag>_s<steps>.json of the run, and the benchmark's own rows (linear, and its ortho and ziplora at
+    the steps its compositions ran, from config_compose.json: runs before the benchmark's budget moved to 30
+    steps trained 15)."""
     rows = []
     bench = run / "parts" / "controllability.json"
     if bench.is_file():
         sets = json.loads(bench.read_text())["result"]["sets"]
+        trained = json.loads((run / "config_compose.json").read_text())["loop"]["steps"]
         for strategy in ("linear", "ortho", "ziplora"):
-            steps = 0 if strategy == "linear" else pb.settings(False)["compose_steps"]
+            steps = 0 if strategy == "linear" else trained
             rows.append((strategy, steps, None, 0, BENCHMARK_POOL,
                          [x for x in sets if x["strategy"] == strategy and x["attributes"].count("=") == 2]))
     for path in sorted((run / "compose_budget").glob("*_s*.json")):

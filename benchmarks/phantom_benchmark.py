@@ -52,7 +52,9 @@ def settings(quick: bool) -> dict:
         return dict(n_images=120, base_steps=60, batch_size=8, lora_steps=20, compose_steps=5, cfg_steps=30,
                     per_set=6, pairs=2, det_steps=40, seeds=2, pool=24, test=30, low_data=20, judge_steps=60,
                     judge_images=60, judge_width=16, steps=10, n_boot=50)
-    return dict(n_images=400, base_steps=700, batch_size=16, lora_steps=200, compose_steps=15, cfg_steps=400,
+    # compose_steps 30: the demo's; with train.py's objective (λ_p = 0, λ_d = 1) 30 and 100 steps score alike on
+    # the benchmark's own models (RESULTS.md, "Composition budget"), and 15 Adam steps barely move a merger
+    return dict(n_images=400, base_steps=700, batch_size=16, lora_steps=200, compose_steps=30, cfg_steps=400,
                 per_set=12, pairs=9, det_steps=160, seeds=3, pool=90, test=120, low_data=50, judge_steps=3000,
                 judge_images=1600, judge_width=16, steps=30, n_boot=300)
 
