@@ -1,9 +1,10 @@
 """Composition accuracy against the composition-training budget: does `ortho` beat `linear` when it trains longer?
 
-The phantom benchmark gives each composition 15 steps; there the mergers move by 7-8 % and `ortho`, its two
-ablations and `linear` give the same verdicts (RESULTS.md). This script re-trains the compositions of the
-benchmark's texture × margin pairs at other budgets, from the same base and adapters, and measures them with the
-benchmark's judge and nodule pool (phantom_benchmark.score_set), so its rows sit beside the benchmark's table.
+The phantom benchmark gives each composition a fixed budget (15 steps until its budget moved to 30; at 15 the
+mergers moved by 7-8 % and `ortho`, its two ablations and `linear` gave the same verdicts, RESULTS.md). This
+script re-trains the compositions of the benchmark's texture × margin pairs at other budgets, from the same base
+and adapters, and measures them with the benchmark's judge and nodule pool (phantom_benchmark.score_set), so its
+rows sit beside the benchmark's table.
 
     python benchmarks/compose_budget.py --run runs/benchmark --steps 100 --tags ortho
     # two processes on two cores (one thread each), then the table of every result so far:

@@ -415,7 +415,7 @@ def composition_objective(model, names: list[str], draw_batch, generator: torch.
         return composition_loss(preserve, orth, attn, lambda_orth, lambda_attn, denoise, lambda_denoise,
                                 lambda_preserve)
     penalty = ziplora_penalty(model.unet, names)
-    return preserve + lambda_zip * penalty, {"preserve": float(preserve), "zip": float(penalty)}
+    return preserve + lambda_zip * penalty, {"preserve": float(preserve.detach()), "zip": float(penalty.detach())}
 
 
 # ----------------------------------------------------------------------------- diagnostics

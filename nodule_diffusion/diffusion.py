@@ -94,10 +94,12 @@ def snr_weight(scheduler, t: torch.Tensor, gamma: float) -> torch.Tensor:
 
 
 def denoising_loss(model, scheduler, batch: dict, mask_weight: float, generator: torch.Generator,
-                   attrs: torch.Tensor | None = None, min_snr_gamma: float = 0.0) -> torch.Tensor:
+                   attrs: torch.Tensor | None = None, min_snr_gamma: float = 0.0,
+                   t: torch.Tensor | None = None) -> torch.Tensor:
     """Weighted denoising loss on one batch of crops (keys of data.NoduleCrops).
 
-    1. t ~ U{0, …, T−1}, ε ~ N(0, I)                                     [DDPM Alg. 1 l.3–4]
+    1. t ~ U{0, …, T−1} (or the given t (B,), to measure the loss at chosen noise levels), ε ~ N(0, I)
+                                                                          [DDPM Alg. 1 l.3–4]
     2. x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε                                       [DDPM Eq. 4]
     3. per crop: ℓ_b = Σ w·‖target − model(x_t, t)‖² / Σ w, w = 1 + (λ−1)·region   [DDPM Eq. 14, weighted]
     4. loss = mean_b snr_weight(t_b)·ℓ_b                                 [MINSNR Eq. 8]; γ = 0: plain mean
@@ -105,7 +107,8 @@ def denoising_loss(model, scheduler, batch: dict, mask_weight: float, generator:
     """
     x0 = batch["x0"]
     b = x0.shape[0]
-    t = torch.randint(0, scheduler.num_train_timesteps, (b,), generator=generator).to(x0.device)
+    drawn = torch.randint(0, scheduler.num_train_timesteps, (b,), generator=generator)  # drawn either way: a
+    t = (drawn if t is None else t).to(x0.device)  # given t leaves the noise the same as a drawn one would see
     noise = torch.randn(x0.shape, generator=generator).to(x0.device)
     xt = scheduler.add_noise(x0, noise, t)
     pred = model(xt, t, batch["mask"], batch["context"], batch["attrs"] if attrs is None else attrs)

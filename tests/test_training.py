@@ -53,6 +53,27 @@ def test_denoising_loss_weights_the_nodule_region(disk_crops):
     assert loss.item() == pytest.approx((lam * inside / (lam * inside + outside)).mean().item(), rel=1e-5)
 
 
+def test_denoising_loss_at_a_given_t_sees_that_t_and_the_same_noise(disk_crops):
+    """t given: the model is called at exactly that t, and with the x_t a drawn t of that value would give (the
+    generator advances as when drawing), so losses at chosen noise levels are paired with the training loss."""
+    batch = disk_crops.get(torch.arange(4), torch.Generator().manual_seed(0))
+    scheduler = DiffusionConfig().scheduler()
+    seen = []
+
+    def model(xt, t, mask, context, attrs):
+        seen.append((xt, t))
+        return xt * 0.5
+
+    drawn = denoising_loss(model, scheduler, batch, 5.0, torch.Generator().manual_seed(3))
+    t_drawn = seen[-1][1]
+    given = denoising_loss(model, scheduler, batch, 5.0, torch.Generator().manual_seed(3), t=t_drawn.clone())
+    assert torch.equal(seen[-1][0], seen[0][0]) and given.item() == drawn.item()
+    other = torch.full_like(t_drawn, 10)
+    assert not torch.equal(other, t_drawn)
+    low = denoising_loss(model, scheduler, batch, 5.0, torch.Generator().manual_seed(3), t=other)
+    assert torch.equal(seen[-1][1], other) and low.item() != drawn.item()
+
+
 @pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
 def test_min_snr_weight_matches_the_paper(kind):
     """[MINSNR Eq. 8] min(SNR, γ) on the x0-MSE, expressed for each target; γ = 0 switches it off."""
