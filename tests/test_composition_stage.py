@@ -39,7 +39,7 @@ def _with_random_adapters(tiny_base, seed=0, scale=0.05):
 def _measures(model, crops):
     """(L_orth, L_attn) of the current mergers on a fixed batch."""
     factors = [lora.adapter_factors(model.unet, n) for n in NAMES]
-    orth = float(lora.orthogonality_loss(factors))
+    orth = float(lora.orthogonality_loss(factors).detach())
     batch = crops.get(torch.arange(8))
     attrs = diffusion.attr_tensor({"texture": "solid", "margin": "well_defined"}, model.vocab, 8, CPU)
     t = torch.full((8,), 500, dtype=torch.long)
