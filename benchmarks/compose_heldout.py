@@ -46,11 +46,13 @@ BANDS = ((0, 100), (100, 300), (300, 600), (600, 1000))  # t ranges: fine detail
 
 
 @torch.no_grad()
-def band_losses(run: Path, strategy: str, lora_dir: Path, attributes: dict, batch: dict, passes: int) -> dict:
+def band_losses(run: Path, strategy: str, lora_dir: Path, attributes: dict, batch: dict, passes: int,
+                mask_weight: float | None = None) -> dict:
     """The composed model's denoising loss (diffusion.denoising_loss, as composition training computes it) in
     each t band, averaged over `passes` draws of t (uniform in the band) and ε on the whole batch; pass p of
     every band and model draws with seed p, so models are compared on the same x_t. "all": the band mean,
-    weighted by band width (= uniform t, as in training)."""
+    weighted by band width (= uniform t, as in training). mask_weight: the weight λ of the regenerated region
+    (default: the model's, as in training; 0 = outside the region only, 1e6 ≈ inside it only)."""
     model, payload = load_model(run / "base.pt", "cpu")
     model.eval()
     compose.eps_function(model, payload["fingerprint"], strategy, attributes, lora_dir)  # loads and merges
@@ -62,7 +64,8 @@ def band_losses(run: Path, strategy: str, lora_dir: Path, attributes: dict, batc
         losses = []
         for p in range(passes):
             t = torch.randint(lo, hi, (n,), generator=torch.Generator().manual_seed(1000 + p))
-            losses.append(denoising_loss(model, scheduler, batch, model.diffusion.mask_weight,
+            weight = model.diffusion.mask_weight if mask_weight is None else mask_weight
+            losses.append(denoising_loss(model, scheduler, batch, weight,
                                          torch.Generator().manual_seed(p), attrs, t=t))
         out[f"{lo}-{hi}"] = float(torch.stack(losses).mean())
     out["all"] = sum(out[f"{lo}-{hi}"] * (hi - lo) for lo, hi in BANDS) / scheduler.num_train_timesteps
@@ -76,6 +79,9 @@ def main() -> None:
     parser.add_argument("--passes", type=int, default=8, help="draws of (t, ε) per nodule, t band and model")
     parser.add_argument("--splits", default="train,held_out",
                         help="train: the nodules of phantom seed 0 (the training images); held_out: seed 1")
+    parser.add_argument("--mask_weight", type=float, default=None,
+                        help="weight of the regenerated region in the loss (default: the model's, as in training; "
+                             "0: outside the region only; 1e6: inside it only)")
     parser.add_argument("--out", default="", help="write the rows as JSON here")
     args = parser.parse_args()
     run, tags = Path(args.run), [t for t in args.tags.split(",") if t]
@@ -92,14 +98,15 @@ def main() -> None:
                 continue
             batch = joint_crops(run, vocab, seed, names)
             row = {"pair": f"{tex}+{mar}", "split": split, "nodules": len(batch["x0"]),
-                   "linear": band_losses(run, "linear", run / "lora", attributes, batch, args.passes)}
+                   "linear": band_losses(run, "linear", run / "lora", attributes, batch, args.passes,
+                                         args.mask_weight)}
             for tag in tags:
                 row[tag] = band_losses(run, "ortho", run / "compose_budget" / tag / "lora", attributes, batch,
-                                       args.passes)
+                                       args.passes, args.mask_weight)
             rows.append(row)
             print(row, flush=True)
     if args.out:
-        common.write_json(Path(args.out), {"passes": args.passes, "rows": rows})
+        common.write_json(Path(args.out), {"passes": args.passes, "mask_weight": args.mask_weight, "rows": rows})
     print(table(rows, tags))
 
 
