@@ -60,10 +60,12 @@ def settings(quick: bool) -> dict:
 
 
 TRAIN_GROUPS = ("base", "loras", "pairs", "triple", "ablations", "cfg")
+TRIPLE = "texture=part_solid,margin=ill_defined,calcification=calcified"  # the one three-attribute request
 
 
 def train_models(out: Path, s: dict, device: str, groups=TRAIN_GROUPS) -> None:
-    """Base, every LoRA, ortho + ziplora compositions of the pairs, one triple, the two ortho ablations, the CFG
+    """Base, every LoRA, ortho + ziplora compositions of the pairs, one triple, the two ortho ablations (of the
+    pairs and the triple), the CFG
     baseline. A model whose file exists is reused, so a stopped run resumes, and two processes may train
     different `groups` at once (e.g. "pairs,triple" beside "ablations,cfg" once base and LoRAs exist)."""
     base_cfg = train.TrainConfig(out_dir=str(out), n_images=s["n_images"], device=device)
@@ -88,12 +90,12 @@ def train_models(out: Path, s: dict, device: str, groups=TRAIN_GROUPS) -> None:
         for (tex, mar), strategy in itertools.product(pairs, ("ortho", "ziplora")):
             compose(out, strategy, f"texture={tex},margin={mar}")
     if "triple" in groups:
-        compose(out, "ortho", "texture=part_solid,margin=ill_defined,calcification=calcified")
+        compose(out, "ortho", TRIPLE)
     if "ablations" in groups:
         for tag, overrides in ABLATIONS.items():
             folder = adapter_folder(out, ablation_dir(out, tag))
-            for tex, mar in pairs:
-                compose(folder, "ortho", f"texture={tex},margin={mar}", **overrides)
+            for attributes in [f"texture={tex},margin={mar}" for tex, mar in pairs] + [TRIPLE]:
+                compose(folder, "ortho", attributes, **overrides)
     if "cfg" in groups and not (out / "cfg.pt").is_file():
         train.run_stage(replace(base_cfg, stage="cfg", ckpt=ckpt), replace(loop, steps=s["cfg_steps"]), unet,
                         diffusion)
@@ -167,9 +169,7 @@ def controllability(out: Path, pairs, s: dict, device, vocab: dict, ablations: b
     results = {"judge_real_accuracy": real_accuracy, "sets": []}
     strategies = tuple(ABLATIONS) if ablations else (*STRATEGIES, "cfg")
     jobs = [(f"texture={t},margin={m}", st) for (t, m), st in itertools.product(pairs, strategies)]
-    if not ablations:
-        jobs.append(("texture=part_solid,margin=ill_defined,calcification=calcified", "ortho"))
-        jobs.append(("texture=part_solid,margin=ill_defined,calcification=calcified", "linear"))
+    jobs += [(TRIPLE, st) for st in (ABLATIONS if ablations else ("ortho", "linear"))]
     for attrs_text, strategy in jobs:
         lora_dir = ablation_dir(out, strategy) / "lora" if strategy in ABLATIONS else out / "lora"
         scores = score_set(out, judge, real_batch, pool, attrs_text, "ortho" if strategy in ABLATIONS else strategy,
@@ -368,7 +368,7 @@ def composition_tables(control: dict) -> list[str]:
         m = pair_means(rows)
         lines.append(f"| {strategy} | {len(rows)} | {m['texture']:.3f} | {m['margin']:.3f} | {m['all_requested']:.3f}"
                      f" | {m['fd']:.2f} | {m['dice']:.3f} |")
-    lines += ["", "Three attributes (texture=part_solid, margin=ill_defined, calcification=calcified):", "",
+    lines += ["", f"Three attributes ({TRIPLE.replace(',', ', ')}):", "",
               "| strategy | texture | margin | calcification | all correct |", "|---|---|---|---|---|"]
     for x in sets:
         if x["attributes"].count("=") == 3:
