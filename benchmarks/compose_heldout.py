@@ -28,18 +28,14 @@ import phantom_benchmark as pb  # noqa: E402  (the benchmark's settings and pair
 from nodule_diffusion import common, compose  # noqa: E402
 from nodule_diffusion.data import NoduleCrops  # noqa: E402
 from nodule_diffusion.datasets import load_records  # noqa: E402
-from nodule_diffusion.diffusion import attr_tensor, denoising_loss, load_model, subset_of  # noqa: E402
+from nodule_diffusion.diffusion import attr_tensor, denoising_loss, joint_subset, load_model  # noqa: E402
 
 
 def joint_crops(run: Path, vocab: dict, seed: int, names: list[str]) -> dict:
     """Every nodule of the benchmark's 400 phantom images of `seed` that carries all of `names`, unaugmented."""
     crops = NoduleCrops(load_records("phantom", run / "data", pb.settings(False)["n_images"], seed, vocab), vocab,
                         32, 1.4, augment=False)
-    subsets = [subset_of(crops, vocab, *n.split("=", 1)) for n in names]
-    joint = subsets[0]
-    for subset in subsets[1:]:
-        joint = joint[torch.isin(joint, subset)]
-    return crops.get(joint)
+    return crops.get(joint_subset(crops, vocab, names))
 
 
 BANDS = ((0, 100), (100, 300), (300, 600), (600, 1000))  # t ranges: fine detail … overall shape and intensity

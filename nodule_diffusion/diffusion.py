@@ -159,6 +159,16 @@ def subset_of(crops: NoduleCrops, vocab: dict, attribute: str, value: str) -> to
     return idx
 
 
+def joint_subset(crops: NoduleCrops, vocab: dict, names: list[str]) -> torch.Tensor:
+    """Indices of crops carrying every one of `names` ("attribute=value"); empty when none does (DataError when
+    one value alone has no crop, as `subset_of`)."""
+    subsets = [subset_of(crops, vocab, *n.split("=", 1)) for n in names]
+    joint = subsets[0]
+    for subset in subsets[1:]:
+        joint = joint[torch.isin(joint, subset)]
+    return joint
+
+
 def only(attrs: torch.Tensor, vocab: dict, keep: list[str]) -> torch.Tensor:
     """attrs with every attribute not in `keep` set to null (−1)."""
     out = attrs.clone()

@@ -26,8 +26,8 @@ from tqdm import tqdm
 from nodule_diffusion import compose, lora, synthesis
 from nodule_diffusion.common import DataError, JsonlLogger, autocast, progress_options, to_plain, unwrap
 from nodule_diffusion.data import NoduleCrops
-from nodule_diffusion.diffusion import (LORA_TARGETS, DiffusionModel, denoising_loss, load_model, only, save_lora,
-                                        save_model, subset_of)
+from nodule_diffusion.diffusion import (LORA_TARGETS, DiffusionModel, denoising_loss, joint_subset, load_model, only,
+                                        save_lora, save_model, subset_of)
 
 
 # ----------------------------------------------------------------------------------------------- the loop
@@ -282,9 +282,7 @@ def train_compose(model: DiffusionModel, crops: NoduleCrops, names: list[str], s
     λ_d > 0 on nodules carrying all of them (DataError when the training data has none).
     """
     subsets = [subset_of(crops, model.vocab, *n.split("=", 1)) for n in names]
-    joint = subsets[0]
-    for subset in subsets[1:]:
-        joint = joint[torch.isin(joint, subset)]  # nodules carrying every composed value
+    joint = joint_subset(crops, model.vocab, names)  # nodules carrying every composed value
     if lambda_denoise > 0 and len(joint) == 0:
         raise DataError(f"--lambda_denoise {lambda_denoise}: no training nodule carries all of {', '.join(names)}; "
                         "give such nodules, or use --lambda_denoise 0 --lambda_preserve 1 (distil each adapter alone)")

@@ -224,3 +224,15 @@ def test_diagnose_writes_json_and_png(tiny_base, disk_crops, tmp_path, monkeypat
     assert set(saved) == {"before", "after"} and (tmp_path / "diagnose.png").is_file()
     assert 0.0 <= result["before"]["attention_overlap"] <= 1.0
     assert result["before"]["mean_abs_cosine"] > 0.0
+
+
+def test_joint_subset_is_the_intersection_of_the_values_subsets():
+    """The nodules L_denoise trains on: those carrying every composed value; none is an empty set, not an error."""
+    from types import SimpleNamespace
+    vocab = {"texture": ["solid", "ground_glass"], "margin": ["well_defined", "spiculated"]}
+    crops = SimpleNamespace(attrs=torch.tensor([[0, 0], [0, 1], [1, 1], [0, 1], [1, -1]]))  # (N, K) value indices
+    joint = diffusion.joint_subset(crops, vocab, ["texture=solid", "margin=spiculated"])
+    assert joint.tolist() == [1, 3]
+    assert diffusion.joint_subset(crops, vocab, ["texture=ground_glass", "margin=well_defined"]).numel() == 0
+    with pytest.raises(diffusion.DataError):  # a value no crop carries at all: subset_of's error
+        diffusion.joint_subset(SimpleNamespace(attrs=crops.attrs[:2]), vocab, ["texture=ground_glass"])
