@@ -70,8 +70,9 @@ def pool_suffix(pool_seed: int, per_set: int) -> str:
 
 
 def run_budget(run: Path, tag: str, steps: int, s: dict, device, seed: int = 0, pool_seed: int = 11) -> dict:
-    """Train every pair's composition of `tag` at `steps` steps (training seed `seed`: data draw, noise), unless it
-    exists, then score each pair's inserted set on s["per_set"] pool images of seed `pool_seed`."""
+    """Train every pair's composition of `tag` at `steps` steps (training seed `seed`, train.py's one seed: batches
+    and noise, and the phantom training images too), unless it exists, then score each pair's inserted set on
+    s["per_set"] pool images of seed `pool_seed`."""
     strategy, overrides = TAGS[tag]
     folder = pb.adapter_folder(run, run / "compose_budget" / trained_name(tag, steps, seed))
     vocab = load_model(run / "base.pt", "cpu")[0].vocab
@@ -159,7 +160,9 @@ def main() -> None:
     parser.add_argument("--run", default="runs/benchmark", help="a phantom_benchmark.py --out_dir with its models")
     parser.add_argument("--steps", default="100", help="composition budgets, comma-separated")
     parser.add_argument("--tags", default="ortho", help="comma-separated: " + ", ".join(TAGS))
-    parser.add_argument("--seed", type=int, default=0, help="training seed of the compositions (data draw, noise)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="training seed of the compositions (train.py's --seed: batches, noise and the phantom "
+                             "training images)")
     parser.add_argument("--pool_seed", type=int, default=BENCHMARK_POOL[0],
                         help="phantom seed of the images that receive nodules")
     parser.add_argument("--per_set", type=int, default=BENCHMARK_POOL[1], help="nodules per pair (one per pool image)")
