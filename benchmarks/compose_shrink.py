@@ -47,7 +47,7 @@ def shrunk_composition(run: Path, trained: Path, target: Path, names: list[str],
             for n in names:
                 if n in layer.lora_m:
                     layer.lora_m[n].copy_(1.0 + alpha * (layer.lora_m[n] - 1.0))
-    config = json.loads(json.dumps(lora.read_adapter(composed_path(trained, "ortho", names))["config"]))
+    config = lora.read_adapter(composed_path(trained, "ortho", names))["config"]
     save_composed(composed_path(target, "ortho", names), model, names, payload["fingerprint"],
                   {**config, "shrink_alpha": alpha, "shrunk_from": str(source)})
 

@@ -66,10 +66,10 @@ TRIPLE_POOL = 12  # phantom seed of its own pool (s["triple_per_set"] images): 1
 
 
 def train_models(out: Path, s: dict, device: str, groups=TRAIN_GROUPS) -> None:
-    """Base, every LoRA, ortho + ziplora compositions of the pairs, one triple, the two ortho ablations (of the
-    pairs and the triple), the CFG
-    baseline. A model whose file exists is reused, so a stopped run resumes, and two processes may train
-    different `groups` at once (e.g. "pairs,triple" beside "ablations,cfg" once base and LoRAs exist)."""
+    """Base, every LoRA, ortho + ziplora compositions of the pairs and of the triple, the two ortho ablations (of
+    the pairs and the triple), the CFG baseline. A model whose file exists is reused, so a stopped run resumes,
+    and two processes may train different `groups` at once (e.g. "pairs,triple" beside "ablations,cfg" once base
+    and LoRAs exist)."""
     base_cfg = train.TrainConfig(out_dir=str(out), n_images=s["n_images"], device=device)
     loop = train.LoopConfig(steps=s["base_steps"], batch_size=s["batch_size"], sample_every=0,
                             checkpoint_every=max(s["base_steps"], 1))

@@ -224,9 +224,9 @@ def insert_nodules(image: np.ndarray, requests: list[Request], generate, crop_si
     lifted where needed so that it is never less dense than the ring around it (no_darker_than_surround).
     """
     out, full_masks = image.astype(np.float32).copy(), []
-    native = max(1, round(crop_size / scale))
     for i, req in enumerate(requests):
         patch, (top, left), work, mask, region, weight, x0, context = model_inputs(out, req, crop_size, scale, reach)
+        native = patch.shape[0]  # the window's side in image pixels, as model_inputs chose it
         if i == 0 and first is not None:
             gen = first
         else:
