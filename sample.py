@@ -54,6 +54,7 @@ class SampleConfig:
     eta: float = synthesis.SAMPLE_ETA  # DDIM η (1 = DDPM-like, the default: sharper nodules; 0 = deterministic)
     guidance: float = 3.0  # CFG scale g (strategy cfg)
     compositional: bool = False  # CFG: one guidance term per attribute [Liu et al. 2022]
+    adapter_guidance: float = synthesis.ADAPTER_GUIDANCE  # adapter strategies: ε_base + g·(ε_adapted − ε_base); 1 = the paper's
     spacing_mm: float = 1.4  # the model's working resolution (must match training)
     seed: int = 1  # phantom images use this seed too, so they differ from the training images (seed 0)
     device: str = "auto"  # auto | cpu | cuda
@@ -166,7 +167,8 @@ def main(argv=None) -> None:
     vocab, crop_size = model.vocab, model.unet_config.crop_size
     attributes = parse_attributes(cfg.attributes, vocab)
     generate, _ = synthesis.build_generator(cfg.ckpt, cfg.strategy, attributes, lora_dir, device, cfg.steps,
-                                              cfg.eta, cfg.sampler, cfg.guidance, cfg.compositional)
+                                              cfg.eta, cfg.sampler, cfg.guidance, cfg.compositional,
+                                              adapter_guidance=cfg.adapter_guidance)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")  # beside out_dir: the final rename stays on one disk
     try:
         records = datasets.load_records(cfg.images, tmp / "data", cfg.n_images, cfg.seed, vocab)

@@ -96,6 +96,7 @@ class TrainConfig:
     lambda_zip: float = 0.01  # ZipLoRA's merger-similarity weight [ZipLoRA §4]
     lora_lr: float = 2e-3  # LoRA learning rate: B starts at 0 and a CPU budget allows ~200 steps [LoRA §4.1]
     compose_lr: float = 0.01  # merger learning rate: m starts at 1 and must move within a few dozen steps
+    adapter_guidance: float = synthesis.ADAPTER_GUIDANCE  # LoRA grids and --stage all: sample.py --adapter_guidance
     cfg_dropout: float = 0.1  # cfg stage: p of dropping each attribute to its null token [CFG §3.2]
     vocab: str = ""  # JSON file with the attribute vocabulary (default: texture, margin, calcification)
     overwrite: bool = False  # replace this stage's existing output files (--stage all: use a non-empty folder)
@@ -280,7 +281,9 @@ def train_loras(train, loop, model, crops, device, generator, log, base_fp) -> l
                                                          "r": train.lora_rank, "alpha": train.lora_alpha,
                                                          "init": train.lora_init,
                                                          "targets": list(diffusion.LORA_TARGETS), "steps": loop.steps})
-        synthesis.lora_grid(model, crops, name, Path(train.out_dir) / "lora" / f"{name}.png")
+        base = diffusion.load_model(train.ckpt, device)[0] if train.adapter_guidance != 1 else None
+        synthesis.lora_grid(model, crops, name, Path(train.out_dir) / "lora" / f"{name}.png",
+                            train.adapter_guidance, base)
         paths.append(path)
         print(f"wrote {path}")
     return paths
@@ -332,13 +335,15 @@ def run_all(train, loop, unet_cfg, diffusion_cfg, detect, demo: DemoConfig) -> d
     test = datasets.load_records("phantom", out / "data", demo.test_images, train.seed + 2, vocab)
     control = evaluation.controllability(str(base), out / "lora", names, real, test, train.spacing_mm,
                                          evaluation.JudgeSettings(crop_size=unet_cfg.crop_size),
-                                         common.resolve_device(train.device))
+                                         common.resolve_device(train.device),
+                                         adapter_guidance=train.adapter_guidance)
     print("== 4/6 ortho composition")
     run_stage(replace(train, stage="compose", ckpt=str(base), strategy="ortho"),
               replace(loop, steps=demo.compose_steps), unet_cfg, diffusion_cfg)
     print("== 5/6 inserting nodules into held-out images")
     device = common.resolve_device(train.device)
-    generate, model = synthesis.build_generator(str(base), "ortho", attributes, out / "lora", device)
+    generate, model = synthesis.build_generator(str(base), "ortho", attributes, out / "lora", device,
+                                                adapter_guidance=train.adapter_guidance)
     pool = datasets.load_records("phantom", out / "data", demo.synthetic_images, train.seed + 1, model.vocab)
     shutil.rmtree(out / "synthetic", ignore_errors=True)  # --overwrite: an earlier run's set must not mix in
     synthetic = synthesis.synthesize(pool, generate, out / "synthetic", model.vocab, train.spacing_mm,

@@ -14,6 +14,9 @@ rows sit beside the benchmark's table.
     # the same compositions (and linear) scored on 36 other nodules per pair; a second training seed:
     python benchmarks/compose_budget.py --run runs/benchmark --steps 100 --tags linear,ortho --pool_seed 12 --per_set 36
     python benchmarks/compose_budget.py --run runs/benchmark --steps 100 --tags ortho --seed 1
+    # the same compositions sampled with adapter guidance g = 2 (sample.py --adapter_guidance 2):
+    python benchmarks/compose_budget.py --run runs/benchmark --steps 30 --tags linear,ortho_denoise_no_preserve \
+        --adapter_guidance 2
 
 Tags (each with its λs in full, see TAGS): linear (no training), ziplora; ortho = method.md §3's objective (λ_p = 1,
 λ_d = 0) and its ablations ortho_no_orth (λ_o = 0) and ortho_no_attn (λ_a = 0); ortho_denoise (λ_d = 1 as well:
@@ -22,7 +25,8 @@ default), its ablations ortho_denoise_no_preserve_no_orth and ortho_denoise_no_p
 ortho_denoise_no_preserve_lr5x (5× the mergers' learning rate). Writes
 <run>/compose_budget/<tag>_s<steps>[_seed<S>]/ (compositions and inserted sets) and <tag>_s<steps>.json (training
 seconds and scores per pair; _seed<S> with --seed, _pool<P>x<N> with another --pool_seed / --per_set, which
-re-scores existing compositions on more nodules without training them again); --table prints every JSON there
+re-scores existing compositions on more nodules without training them again, and _g<g> with --adapter_guidance,
+which scores them with sample.py's adapter guidance); --table prints every JSON there
 as one markdown table with `linear` (no training) from the benchmark's own controllability part.
 """
 
@@ -38,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import phantom_benchmark as pb  # noqa: E402  (the benchmark's settings, judge, pairs and set scoring)
 import train  # noqa: E402
-from nodule_diffusion import common  # noqa: E402
+from nodule_diffusion import common, synthesis  # noqa: E402
 from nodule_diffusion.diffusion import composed_path, load_model  # noqa: E402
 
 # Every tag names its λs in full, whatever train.py's defaults are, so a saved row keeps its meaning [OURS Eq. 1].
@@ -64,9 +68,11 @@ def trained_name(tag: str, steps: int, seed: int) -> str:
     return f"{tag}_s{steps}" + (f"_seed{seed}" if seed else "")
 
 
-def pool_suffix(pool_seed: int, per_set: int) -> str:
-    """'' for the benchmark's pool, else _pool<P>x<N>: on the JSON of a result and on its sets/ folder."""
-    return "" if (pool_seed, per_set) == BENCHMARK_POOL else f"_pool{pool_seed}x{per_set}"
+def pool_suffix(pool_seed: int, per_set: int, adapter_guidance: float = 1.0) -> str:
+    """'' for the benchmark's pool, else _pool<P>x<N>, then _g<g> for adapter guidance g ≠ 1: on the JSON of a
+    result and on its sets/ folder."""
+    pool = "" if (pool_seed, per_set) == BENCHMARK_POOL else f"_pool{pool_seed}x{per_set}"
+    return pool + (f"_g{adapter_guidance:g}" if adapter_guidance != 1 else "")
 
 
 def run_budget(run: Path, tag: str, steps: int, s: dict, device, seed: int = 0, pool_seed: int = 11) -> dict:
@@ -88,7 +94,7 @@ def run_budget(run: Path, tag: str, steps: int, s: dict, device, seed: int = 0, 
     seconds = time.time() - t if to_train else None  # None: linear, or every composition was trained before
     judge, real, pool = pb.scoring_inputs(run, s, vocab, device, pool_seed)
     sets = []
-    sets_dir = folder / ("sets" + pool_suffix(pool_seed, s["per_set"]))
+    sets_dir = folder / ("sets" + pool_suffix(pool_seed, s["per_set"], s.get("adapter_guidance", 1.0)))
     for tex, mar in pairs:
         attrs = f"texture={tex},margin={mar}"
         scores = pb.score_set(run, judge, real, pool, attrs, strategy, folder / "lora", s,
@@ -96,7 +102,7 @@ def run_budget(run: Path, tag: str, steps: int, s: dict, device, seed: int = 0, 
         sets.append({"attributes": attrs, "strategy": tag, **scores})
         print(tag, steps, attrs, json.dumps(scores["accuracy"]))
     return {"tag": tag, "steps": steps, "seed": seed, "pool_seed": pool_seed, "per_set": s["per_set"],
-            "training_s": seconds, "sets": sets}
+            "adapter_guidance": s.get("adapter_guidance", 1.0), "training_s": seconds, "sets": sets}
 
 
 def table(run: Path) -> str:
@@ -115,8 +121,9 @@ def table(run: Path) -> str:
     for path in sorted((run / "compose_budget").glob("*_s*.json")):
         r = json.loads(path.read_text())
         pool = (r.get("pool_seed", BENCHMARK_POOL[0]), r.get("per_set", BENCHMARK_POOL[1]))
-        rows.append((r["tag"], 0 if r["tag"] == "linear" else r["steps"], r["training_s"], r.get("seed", 0), pool,
-                     r["sets"]))
+        g = r.get("adapter_guidance", 1.0)
+        rows.append((r["tag"] + (f" (g = {g:g})" if g != 1 else ""), 0 if r["tag"] == "linear" else r["steps"],
+                     r["training_s"], r.get("seed", 0), pool, r["sets"]))
     lines = ["| strategy | composition steps | training wall min (9 pairs) | training seed / pool seed×images |"
              " texture acc | margin acc | both correct | mask Dice |", "|---|---|---|---|---|---|---|---|"]
     for tag, steps, seconds, seed, (pool_seed, per_set), sets in rows:
@@ -166,6 +173,8 @@ def main() -> None:
     parser.add_argument("--pool_seed", type=int, default=BENCHMARK_POOL[0],
                         help="phantom seed of the images that receive nodules")
     parser.add_argument("--per_set", type=int, default=BENCHMARK_POOL[1], help="nodules per pair (one per pool image)")
+    parser.add_argument("--adapter_guidance", type=float, default=synthesis.ADAPTER_GUIDANCE,
+                        help="score with sample.py --adapter_guidance g (compositions are not trained again)")
     parser.add_argument("--table", action="store_true", help="only print the table of every result so far")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
@@ -173,11 +182,13 @@ def main() -> None:
     if not args.table:
         if not (run / "base.pt").is_file() or not (run / "lora").is_dir():
             raise common.DataError(f"{run}: no base.pt and lora/ (run benchmarks/phantom_benchmark.py first)")
-        device, s = common.resolve_device(args.device), {**pb.settings(False), "per_set": args.per_set}
+        device = common.resolve_device(args.device)
+        s = {**pb.settings(False), "per_set": args.per_set, "adapter_guidance": args.adapter_guidance}
         for tag in pb.chosen(args.tags, tuple(TAGS), "--tags"):
             for steps in (int(x) for x in args.steps.split(",")):
                 result = run_budget(run, tag, steps, s, device, args.seed, args.pool_seed)
-                name = trained_name(tag, steps, args.seed) + pool_suffix(args.pool_seed, args.per_set)
+                name = trained_name(tag, steps, args.seed) + pool_suffix(args.pool_seed, args.per_set,
+                                                                         args.adapter_guidance)
                 common.write_json(run / "compose_budget" / f"{name}.json", result)
     print(table(run))
 

@@ -66,7 +66,7 @@ def main() -> None:
     if not tag or not steps.isdigit():
         raise common.DataError(f"--trained {args.trained!r}: expected a compose_budget folder <tag>_s<steps>")
     name = f"{tag}_shrink{round(100 * args.alpha)}"
-    s = {**pb.settings(False), "per_set": args.per_set}
+    s = {**pb.settings(False), "per_set": args.per_set, "adapter_guidance": 1.0}  # its RESULTS rows: g = 1
     target = pb.adapter_folder(run, run / "compose_budget" / f"{name}_s{steps}")
     vocab = load_model(run / "base.pt", "cpu")[0].vocab
     judge, real, pool = pb.scoring_inputs(run, s, vocab, args.device, args.pool_seed)

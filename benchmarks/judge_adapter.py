@@ -2,11 +2,12 @@
 
 Base + LoRA a=v (its token on, every other attribute null, merged) generates from the masks and contexts of up
 to --n held-out phantom nodules that lack v (seed 2, as `evaluation.controllability`), with the default sampler
-(DDIM-50, η = 1) or --sampler/--steps/--eta; prints the fraction the judge calls v, the judge's recall of v on
-the real crops, and the speckle figure (mean |∇²| in the region) of generated and real crops. One judge for several runs makes their
-figures comparable; --weights scales the adapters (LoRA strength) for a sweep. With several adapters
-(--adapter a=v,b=w) their ΔW are summed (the `linear` strategy) and their tokens are on together; the nodules
-are chosen by the first one, and the judge's verdict is reported for each.
+(DDIM-50, η = 1, adapter guidance 1.5) or --sampler/--steps/--eta/--adapter_guidance (figures measured before
+adapter guidance existed are reproduced with --adapter_guidance 1). Prints the fraction the judge calls v, the
+judge's recall of v on the real crops, and the speckle figure (mean |∇²| in the region) of generated and real
+crops. One judge for several runs makes their figures comparable; --weights scales the adapters (LoRA strength)
+for a sweep. With several adapters (--adapter a=v,b=w) their ΔW are summed (the `linear` strategy) and their
+tokens are on together; the nodules are chosen by the first one, and the judge's verdict is reported for each.
 
 Examples:
     python benchmarks/judge_adapter.py --run runs/demo --judge runs/benchmark/judge.pt --adapter texture=ground_glass
@@ -34,7 +35,7 @@ from nodule_diffusion.datasets import load_records  # noqa: E402
 from nodule_diffusion.diffusion import parse_attributes  # noqa: E402
 from nodule_diffusion.evaluation import generate_with_adapters, lacking_nodules  # noqa: E402
 from nodule_diffusion.judge import load_judge  # noqa: E402
-from nodule_diffusion.synthesis import SAMPLE_ETA, SAMPLE_STEPS  # noqa: E402
+from nodule_diffusion.synthesis import ADAPTER_GUIDANCE, SAMPLE_ETA, SAMPLE_STEPS  # noqa: E402
 
 
 def main() -> None:
@@ -49,6 +50,8 @@ def main() -> None:
     parser.add_argument("--sampler", default="ddim", choices=("ddim", "ddpm"))
     parser.add_argument("--steps", type=int, default=SAMPLE_STEPS, help="reverse steps")
     parser.add_argument("--eta", type=float, default=SAMPLE_ETA, help="DDIM η (1 = DDPM's variance)")
+    parser.add_argument("--adapter_guidance", type=float, default=ADAPTER_GUIDANCE,
+                        help="sample.py --adapter_guidance (1 = the adapted model alone, as before this flag)")
     args = parser.parse_args()
     run, judge = Path(args.run), load_judge(args.judge)
     vocab = judge.vocab
@@ -60,11 +63,13 @@ def main() -> None:
     k, v = columns[names[0]]
     lacking = lacking_nodules(t["attrs"], k, v, args.n)
     carrying = t["attrs"][:, k] == v
-    result = {"run": str(run), "adapters": names, "n": len(lacking), "sampler": [args.sampler, args.steps, args.eta],
+    result = {"run": str(run), "adapters": names, "n": len(lacking),
+              "sampler": [args.sampler, args.steps, args.eta, args.adapter_guidance],
               "real_recall": float((judge.predict(t["x0"])[carrying, k] == v).float().mean()), "by_weight": {}}
     for weight in (float(w) for w in args.weights.split(",")):
         batch, generated = generate_with_adapters(str(run / "base.pt"), run / "lora", names, test, lacking, "cpu",
                                                   [weight] * len(names),  # Σ_i w·ΔW_i, merged
+                                                  adapter_guidance=args.adapter_guidance,
                                                   steps=args.steps, sampler=args.sampler, eta=args.eta)
         pred = judge.predict(generated)
         values = vocab[names[0].split("=")[0]]

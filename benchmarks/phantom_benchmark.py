@@ -52,12 +52,14 @@ def settings(quick: bool) -> dict:
     if quick:
         return dict(n_images=120, base_steps=60, batch_size=8, lora_steps=20, compose_steps=5, cfg_steps=30,
                     per_set=6, pairs=2, det_steps=40, seeds=2, pool=24, test=30, low_data=20, judge_steps=60,
-                    judge_images=60, judge_width=16, steps=10, n_boot=50, triple_per_set=6)
+                    judge_images=60, judge_width=16, steps=10, n_boot=50, triple_per_set=6,
+                    adapter_guidance=synthesis.ADAPTER_GUIDANCE)
     # compose_steps 30: the demo's; with train.py's objective (λ_p = 0, λ_d = 1) 30 and 100 steps score alike on
     # the benchmark's own models (RESULTS.md, "Composition budget"), and 15 Adam steps barely move a merger
     return dict(n_images=400, base_steps=700, batch_size=16, lora_steps=200, compose_steps=30, cfg_steps=400,
                 per_set=12, pairs=9, det_steps=160, seeds=3, pool=90, test=120, low_data=50, judge_steps=3000,
-                judge_images=1600, judge_width=16, steps=30, n_boot=300, triple_per_set=36)
+                judge_images=1600, judge_width=16, steps=30, n_boot=300, triple_per_set=36,
+                adapter_guidance=synthesis.ADAPTER_GUIDANCE)  # sample.py's: every part samples as a user would
 
 
 TRAIN_GROUPS = ("base", "loras", "pairs", "triple", "ablations", "cfg")
@@ -159,7 +161,8 @@ def single_attribute(out: Path, s: dict, device, vocab: dict) -> dict:
     test = load_records("phantom", out / "data", s["test"], 2, vocab)
     judge = benchmark_judge(out, s, vocab, device)
     result = evaluation.controllability(str(out / "base.pt"), out / "lora", names, [], test, 1.4,
-                                        evaluation.JudgeSettings(), device, judge=judge)
+                                        evaluation.JudgeSettings(), device, judge=judge,
+                                        adapter_guidance=s["adapter_guidance"])
     result["dice_ceiling"] = evaluation.segmentation_ceiling(vocab)  # what the mask Dice can reach
     return result
 
@@ -214,7 +217,8 @@ def score_set(out: Path, judge, real_batch: dict, pool, attrs_text: str, strateg
     vocab = judge.vocab
     attributes = parse_attributes(attrs_text, vocab)
     ckpt = out / ("cfg.pt" if strategy == "cfg" else "base.pt")
-    generate, _ = synthesis.build_generator(str(ckpt), strategy, attributes, lora_dir, device, s["steps"])
+    generate, _ = synthesis.build_generator(str(ckpt), strategy, attributes, lora_dir, device, s["steps"],
+                                            adapter_guidance=s["adapter_guidance"])
     syn = synthesis.synthesize(pool, generate, folder, vocab, 1.4, 32, attributes, 1, (10.0, 20.0), 5)
     return evaluation.score_synthetic(judge, real_batch, syn, vocab, 1.4, 32)[0]
 
@@ -244,7 +248,7 @@ def detection(out: Path, pairs, s: dict, device, vocab: dict) -> dict:
             attributes = {"texture": tex, "margin": mar}
             if name == "ortho":
                 generate, _ = synthesis.build_generator(str(out / "base.pt"), "ortho", attributes, out / "lora",
-                                                      device, s["steps"])
+                                                      device, s["steps"], adapter_guidance=s["adapter_guidance"])
             else:
                 maker = baselines.copy_paste_generator if name == "copy_paste" else baselines.template_generator
                 generate = maker(crops, seed=0)

@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import phantom_benchmark as pb  # noqa: E402  (the benchmark's settings, judge, pool and set scoring)
-from nodule_diffusion import common  # noqa: E402
+from nodule_diffusion import common, synthesis  # noqa: E402
 from nodule_diffusion.diffusion import load_model, parse_attributes  # noqa: E402
 
 
@@ -41,6 +41,8 @@ def main() -> None:
     parser.add_argument("--lora_dir", default="", help="adapters (and ../compose/ for ortho, ziplora) to use "
                                                           "instead of <run>/lora, e.g. <run>/ablations/ortho_no_orth/lora")
     parser.add_argument("--name", default="", help="the row's name (one strategy only), e.g. ortho_no_orth")
+    parser.add_argument("--adapter_guidance", type=float, default=synthesis.ADAPTER_GUIDANCE,
+                        help="sample.py --adapter_guidance of every adapter strategy (1 = the paper's sampler)")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     run = Path(args.run)
@@ -51,9 +53,10 @@ def main() -> None:
     vocab = load_model(run / "base.pt", "cpu")[0].vocab
     attributes = parse_attributes(args.attributes, vocab)  # DataError on an unknown attribute or value
     request = "+".join(f"{a}={v}" for a, v in attributes.items())
-    s = {**pb.settings(False), "per_set": args.per_set}
+    s = {**pb.settings(False), "per_set": args.per_set, "adapter_guidance": args.adapter_guidance}
     judge, real, pool = pb.scoring_inputs(run, s, vocab, args.device, args.pool_seed)
-    folder = run / "score_sets" / f"pool{args.pool_seed}x{args.per_set}"
+    folder = run / "score_sets" / (f"pool{args.pool_seed}x{args.per_set}"
+                                   + (f"_g{args.adapter_guidance:g}" if args.adapter_guidance != 1 else ""))
     scores = {}
     for strategy in strategies:
         row = args.name or strategy
@@ -62,6 +65,7 @@ def main() -> None:
         print(row, json.dumps(scores[row]["accuracy"]), flush=True)
     common.write_json(folder / f"{request}_{'+'.join(scores)}.json",
                       {"attributes": args.attributes, "pool_seed": args.pool_seed, "per_set": args.per_set,
+                       "adapter_guidance": args.adapter_guidance,
                        "lora_dir": str(lora_dir), "scores": scores})
     names = list(attributes)
     lines = [f"| strategy | {' | '.join(names)} | all correct | mask Dice |", "|---|" + "---|" * (len(names) + 2)]

@@ -53,7 +53,7 @@ FLAG_RANGES = {
         "judge_steps", "num_train_timesteps", "lora_rank")},
     **{name: (0, None) for name in ("warmup", "weight_decay", "grad_clip", "sample_every", "low_data",
                                     "lambda_orth", "lambda_attn", "lambda_zip", "lambda_denoise", "lambda_preserve",
-                                    "min_snr_gamma", "guidance")},
+                                    "min_snr_gamma", "guidance", "adapter_guidance")},
     **{name: POSITIVE for name in ("lr", "lora_lr", "compose_lr", "det_lr", "lora_alpha", "mask_weight")},
     "seed": (0, 2 ** 32 - 1),  # numpy's default_rng refuses negative seeds; torch's generators take 64 bits
     "judge_width": {8, 16, 32, 64},  # GroupNorm(min(8, C), C) needs C = width, 2·width, 4·width divisible

@@ -23,6 +23,7 @@ Protocol: image score = max box score; FROC hit = IoU > 0.2; AP@0.5 COCO 101-poi
 
 from __future__ import annotations
 
+import copy
 import itertools
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -39,7 +40,7 @@ from nodule_diffusion.detector import DetectorConfig, FasterRCNN, predict_all, t
 from nodule_diffusion.diffusion import (adapter_names, attr_tensor, composed_path, load_lora, load_model,
                                         parse_attributes)
 from nodule_diffusion.judge import AttributeJudge, JudgeConfig, attribute_accuracy, train_judge
-from nodule_diffusion.synthesis import contact_sheet, generate_for
+from nodule_diffusion.synthesis import ADAPTER_GUIDANCE, contact_sheet, generate_for
 
 METRICS = ("auc", "cpm", "ap50", "node21", "sens@0.25")
 
@@ -332,7 +333,8 @@ def score_synthetic(judge, real: dict, synthetic, vocab, spacing_mm, crop_size: 
 
 
 def controllability(ckpt: str, lora_dir: Path, names: list[str], real_train, real_test, spacing_mm: float,
-                    settings: JudgeSettings, device, n: int = 32, judge: AttributeJudge | None = None) -> dict:
+                    settings: JudgeSettings, device, n: int = 32, judge: AttributeJudge | None = None,
+                    adapter_guidance: float = ADAPTER_GUIDANCE) -> dict:
     """Single-attribute control of every LoRA in `names` (issue 10), measured on held-out nodules.
 
     1. The judge trains on real labelled crops (`real_train`) and reads images only; or a `judge` trained
@@ -340,7 +342,8 @@ def controllability(ckpt: str, lora_dir: Path, names: list[str], real_train, rea
     2. real_recall[a=v]: on held-out real crops (`real_test`) carrying v, the fraction the judge calls v; this bounds
        what its verdict on generated crops can show.
     3. accuracy[a=v]: base + LoRA a=v (its token on, every other attribute null) generates from the masks and
-       contexts of up to n held-out nodules that LACK v; the fraction the judge calls v.
+       contexts of up to n held-out nodules that LACK v, with adapter_guidance (compose.base_guided) as sample.py
+       samples; the fraction the judge calls v.
     4. fd_judge[a=v] = FD(judge features of those generated crops, of real held-out crops carrying v), next to its
        floor fd_floor[a=v] = FD(two disjoint halves of the real crops carrying v) (metrics.frechet_distance).
     5. speckle[a=v] = mean |∇²| in the regenerated regions of the generated crops, speckle_real[a=v] the same on
@@ -360,7 +363,8 @@ def controllability(ckpt: str, lora_dir: Path, names: list[str], real_train, rea
         k, v = list(vocab).index(attribute), vocab[attribute].index(value)
         carrying = (t["attrs"][:, k] == v).numpy()
         lacking = lacking_nodules(t["attrs"], k, v, n)
-        batch, generated = generate_with_adapters(ckpt, lora_dir, [name], test, lacking, device)
+        batch, generated = generate_with_adapters(ckpt, lora_dir, [name], test, lacking, device,
+                                                  adapter_guidance=adapter_guidance)
         real_v = feats_real[carrying]
         result["real_recall"][name] = float((pred_real[carrying, k] == v).float().mean()) if carrying.any() else None
         result["accuracy"][name] = float((judge.predict(generated)[:, k] == v).float().mean())
@@ -380,22 +384,28 @@ def lacking_nodules(attrs: torch.Tensor, k: int, v: int, n: int) -> list[int]:
 
 
 def generate_with_adapters(ckpt: str, lora_dir: Path, names: list[str], crops, indices: list[int], device,
-                           weights: list[float] | None = None, **sampling) -> tuple[dict, torch.Tensor]:
+                           weights: list[float] | None = None, adapter_guidance: float = ADAPTER_GUIDANCE,
+                           **sampling) -> tuple[dict, torch.Tensor]:
     """Base + the adapters `names` ("attribute=value"; ΔW summed with `weights`, default 1 each, and merged: exact
     up to rounding, and faster to sample with), their tokens on and every other attribute null, generate from the
     masks and contexts of the dataset items `indices` (synthesis.generate_for; `sampling`: its steps, sampler and
-    eta, by default the default sampler).
+    eta, by default the default sampler), guided away from the base with adapter_guidance ≠ 1
+    (compose.base_guided, as sample.py --adapter_guidance).
     Returns (the items' batch, generated (B, 1, S, S)) where generated is what insertion keeps: the context outside
     the region, the model's pixels inside it."""
     model, payload = load_model(ckpt, device)
+    model.eval()
+    base = copy.deepcopy(model) if adapter_guidance != 1 else None  # before the adapters: guidance's ε(∅)
     for name in names:
         load_lora(Path(lora_dir) / f"{name}.pt", model, payload["fingerprint"], name)
     lora.set_active(model.unet, names, weights)
     lora.merge(model.unet)
-    model.eval()
     attributes = dict(name.split("=", 1) for name in names)
+    eps = compose.guided_eps(model, attributes, None, False)
+    if base is not None:
+        eps = compose.base_guided(eps, base, adapter_guidance)
     batch, x0 = generate_for(model, crops, indices, attr_tensor(attributes, model.vocab, len(indices), "cpu"),
-                             **sampling)
+                             eps=eps, **sampling)
     return batch, batch["context"] + batch["region"] * x0
 
 
