@@ -6,6 +6,8 @@ Examples:
     # attributes through the ortho-composed adapter (train.py --stage compose first)
     python sample.py --ckpt runs/demo/base.pt --attributes texture=ground_glass,margin=spiculated \\
         --strategy ortho --out_dir runs/demo/syn_ortho
+    # one attribute LoRA, sampled as the paper does (no adapter guidance; the default is 1.5)
+    python sample.py --ckpt runs/demo/base.pt --attributes texture=ground_glass --strategy lora --adapter_guidance 1
     # a training-free merge of the single adapters, or a sampling-time strategy
     python sample.py --ckpt runs/demo/base.pt --attributes texture=solid,margin=ill_defined --strategy linear
     # CFG baseline with compositional guidance
@@ -54,7 +56,7 @@ class SampleConfig:
     eta: float = synthesis.SAMPLE_ETA  # DDIM η (1 = DDPM-like, the default: sharper nodules; 0 = deterministic)
     guidance: float = 3.0  # CFG scale g (strategy cfg)
     compositional: bool = False  # CFG: one guidance term per attribute [Liu et al. 2022]
-    adapter_guidance: float = synthesis.ADAPTER_GUIDANCE  # adapter strategies: ε_base + g·(ε_adapted − ε_base); 1 = the paper's
+    adapter_guidance: float = synthesis.ADAPTER_GUIDANCE  # ε_base + g·(ε_adapted − ε_base); 1: adapted model alone
     spacing_mm: float = 1.4  # the model's working resolution (must match training)
     seed: int = 1  # phantom images use this seed too, so they differ from the training images (seed 0)
     device: str = "auto"  # auto | cpu | cuda

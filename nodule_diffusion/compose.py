@@ -539,8 +539,9 @@ def base_guided(cond_eps, base, g: float):
     combination holds: each output is linear in ε given x_t.
 
     DEVIATION: the paper samples the adapted model itself (g = 1). A LoRA trained on a few hundred nodules moves
-    the base's output only part of the way: g = 2 lifts the benchmark's ground glass from 0.61 to 0.83 and
-    calcified from 0.77 to 0.98 (benchmarks/RESULTS.md, "Adapter guidance"), at twice the forwards a step.
+    the base's output only part of the way: g = 1.5 (synthesis.ADAPTER_GUIDANCE) lifts the benchmark's ground
+    glass from 0.61 to 0.77 and calcified from 0.77 to 0.95 (benchmarks/RESULTS.md, "Adapter guidance"), at
+    twice the forwards a step.
     cond_eps: eps(x_t, t, k, masks, contexts) of the adapted model; base: a copy of the model without adapters."""
     vocab = base.vocab
 

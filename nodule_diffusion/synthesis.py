@@ -45,7 +45,7 @@ from nodule_diffusion.schedulers import DDIMScheduler, sample_loop
 SAMPLE_STEPS, SAMPLE_ETA = 50, 1.0
 # Adapter guidance g of every adapter strategy (compose.base_guided; 1 = the adapted model alone, the paper's):
 # on the benchmark's models g = 1.5 met 6 of the 8 single-value targets against 5 at g = 1 and 2, with a lower
-# FD_judge for 7 of 8 values, and lifted `ortho`'s pairs from 0.45 to 0.60 both correct; g = 2 and 3 broke
+# FD_judge for 6 of 8 values, and lifted `ortho`'s pairs from 0.45 to 0.60 both correct; g = 2 and 3 broke
 # part-solid (0.66, 0.22) and every g > 1 weakened the three-attribute `ortho` (benchmarks/RESULTS.md,
 # "Adapter guidance"). Strategies without adapters (base, cfg) do not use it.
 ADAPTER_GUIDANCE = 1.5
@@ -477,10 +477,11 @@ def sample_grid(model, crops: NoduleCrops, path: Path, n: int = 9) -> None:
     triplet_grid(batch, x0, path, ["generated"] * len(idx))
 
 
-def lora_grid(model, crops: NoduleCrops, name: str, path: Path, adapter_guidance: float = ADAPTER_GUIDANCE, base=None,
+def lora_grid(model, crops: NoduleCrops, name: str, path: Path, adapter_guidance: float = 1.0, base=None,
               n: int = 9) -> None:
-    """PNG grid for one attribute adapter: masks of nodules *without* the value, generated *with* it (guided away
-    from `base`, the model without adapters, when adapter_guidance ≠ 1: compose.base_guided, as sample.py)."""
+    """PNG grid for one attribute adapter: masks of nodules *without* the value, generated *with* it; with
+    adapter_guidance ≠ 1 guided away from `base`, the model without adapters (compose.base_guided; train.py
+    passes sample.py's default, ADAPTER_GUIDANCE)."""
     attribute, value = name.split("=", 1)
     k = list(model.vocab).index(attribute)
     other = torch.nonzero(crops.attrs[:, k] != model.vocab[attribute].index(value)).flatten()[:n].tolist()
@@ -489,6 +490,8 @@ def lora_grid(model, crops: NoduleCrops, name: str, path: Path, adapter_guidance
     model.eval()
     eps = None
     if adapter_guidance != 1:
+        if base is None:
+            raise ValueError("lora_grid: adapter_guidance ≠ 1 needs the base model (without adapters)")
         base.eval()
         eps = compose.base_guided(lambda xt, t, k, masks, contexts: model(xt, t, masks, contexts, attrs), base,
                                   adapter_guidance)
