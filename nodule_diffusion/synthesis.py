@@ -44,10 +44,10 @@ from nodule_diffusion.schedulers import DDIMScheduler, sample_loop
 # 0.151 on real crops (benchmarks/RESULTS.md, "Sampler"). Design §4 says DDIM or DDPM and leaves η open.
 SAMPLE_STEPS, SAMPLE_ETA = 50, 1.0
 # Adapter guidance g of every adapter strategy (compose.base_guided; 1 = the adapted model alone, the paper's):
-# on the benchmark's models g = 1.5 met 6 of the 8 single-value targets against 5 at g = 1 and 2, with a lower
-# FD_judge for 6 of 8 values, and lifted `ortho`'s pairs from 0.45 to 0.60 both correct; g = 2 and 3 broke
-# part-solid (0.66, 0.22) and every g > 1 weakened the three-attribute `ortho` (benchmarks/RESULTS.md,
-# "Adapter guidance"). Strategies without adapters (base, cfg) do not use it.
+# on the benchmark's models (64 nodules per value) g = 1.5 met 6 of the 8 single-value targets against 5 at g = 1,
+# with a lower FD_judge for 6 of 8 values, and lifted `ortho`'s pairs from 0.45 to 0.60 both correct; g = 2 also
+# met 6 but broke part-solid (0.66; 0.22 at g = 3), and every g > 1 weakened the three-attribute `ortho`
+# (benchmarks/RESULTS.md, "Adapter guidance"). Strategies without adapters (base, cfg) do not use it.
 ADAPTER_GUIDANCE = 1.5
 
 
