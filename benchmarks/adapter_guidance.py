@@ -14,7 +14,7 @@ Examples:
     python benchmarks/adapter_guidance.py --run runs/benchmark --judge runs/benchmark/judge.pt --scales 1.5 \\
         --names texture=ground_glass,calcification=calcified --out runs/benchmark/adapter_guidance.json
     python benchmarks/adapter_guidance.py --out runs/benchmark/adapter_guidance.json --table
-    python benchmarks/adapter_guidance.py --run runs/benchmark --judge runs/benchmark/judge.pt --scales 1,2 \
+    python benchmarks/adapter_guidance.py --run runs/benchmark --judge runs/benchmark/judge.pt --scales 1,2 \\
         --names texture=ground_glass --out runs/benchmark/adapter_guidance.json --grids
 """
 

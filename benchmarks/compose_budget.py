@@ -15,7 +15,7 @@ rows sit beside the benchmark's table.
     python benchmarks/compose_budget.py --run runs/benchmark --steps 100 --tags linear,ortho --pool_seed 12 --per_set 36
     python benchmarks/compose_budget.py --run runs/benchmark --steps 100 --tags ortho --seed 1
     # the same compositions sampled with adapter guidance g = 2 (sample.py --adapter_guidance 2):
-    python benchmarks/compose_budget.py --run runs/benchmark --steps 30 --tags linear,ortho_denoise_no_preserve \
+    python benchmarks/compose_budget.py --run runs/benchmark --steps 30 --tags linear,ortho_denoise_no_preserve \\
         --adapter_guidance 2
 
 Tags (each with its λs in full, see TAGS): linear (no training), ziplora; ortho = method.md §3's objective (λ_p = 1,

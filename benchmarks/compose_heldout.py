@@ -7,7 +7,7 @@ whether the mergers learn the combination (lower loss than `linear` on held-out 
 phantom seed 1) or fit the training nodules (lower loss on them only). Every model sees the same crops, the same
 t and the same noise (one seeded generator per pass), so the differences are paired.
 
-    python benchmarks/compose_heldout.py --run runs/benchmark \
+    python benchmarks/compose_heldout.py --run runs/benchmark \\
         --tags ortho_denoise_no_preserve_s100,ortho_denoise_no_preserve_s30 --out runs/benchmark/compose_heldout.json
 
 A tag is a folder of compositions under <run>/compose_budget/ (benchmarks/compose_budget.py writes them);

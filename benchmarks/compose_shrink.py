@@ -8,7 +8,7 @@ distance to 1, folds them as training.save_composed does and scores the result w
 pool (phantom_benchmark.score_set).
 
     python benchmarks/compose_shrink.py --run runs/benchmark --trained ortho_denoise_no_preserve_s100 --alpha 0.5
-    python benchmarks/compose_shrink.py --run runs/benchmark --trained ortho_denoise_no_preserve_s100 --alpha 0.5 \
+    python benchmarks/compose_shrink.py --run runs/benchmark --trained ortho_denoise_no_preserve_s100 --alpha 0.5 \\
         --pool_seed 12 --per_set 36
     python benchmarks/compose_budget.py --run runs/benchmark --table   # lists these rows too
 

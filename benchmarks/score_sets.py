@@ -5,12 +5,12 @@ request. This scores a request again, on any pool, with the models already in a 
 pool image, the benchmark's judge, sampler and scoring (phantom_benchmark.score_set), e.g. the three-attribute
 composition, whose `ortho` and `linear` rows rest on 12 nodules each:
 
-    python benchmarks/score_sets.py --run runs/benchmark \
-        --attributes texture=part_solid,margin=ill_defined,calcification=calcified \
+    python benchmarks/score_sets.py --run runs/benchmark \\
+        --attributes texture=part_solid,margin=ill_defined,calcification=calcified \\
         --strategies linear,svd,ties,ortho,cfg --pool_seed 12 --per_set 36
 
     # an ablation's composition (its own folder of adapters), as one named row:
-    python benchmarks/score_sets.py --run runs/benchmark --attributes ... --strategies ortho \
+    python benchmarks/score_sets.py --run runs/benchmark --attributes ... --strategies ortho \\
         --lora_dir runs/benchmark/ablations/ortho_no_orth/lora --name ortho_no_orth
 
 Writes the inserted sets under <run>/score_sets/pool<P>x<N>/<row>_<request>/ and one JSON per call beside them
