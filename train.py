@@ -268,6 +268,8 @@ def train_full(train, loop, model, crops, device, generator, log, rank, resumed=
 def train_loras(train, loop, model, crops, device, generator, log, base_fp) -> list:
     """One adapter per requested attribute value (`--attribute a=v` or `--all_attributes`)."""
     paths = []
+    # the LoRA grids' unconditional model under adapter guidance: frozen, so one copy serves every adapter
+    base = diffusion.load_model(train.ckpt, device)[0] if train.adapter_guidance != 1 else None
     for k, name in enumerate(wanted_adapters(train, model.vocab)):
         attribute, _, value = name.partition("=")
         if k:  # every adapter starts from the same frozen base and token init: a fresh model from the checkpoint
@@ -281,7 +283,6 @@ def train_loras(train, loop, model, crops, device, generator, log, base_fp) -> l
                                                          "r": train.lora_rank, "alpha": train.lora_alpha,
                                                          "init": train.lora_init,
                                                          "targets": list(diffusion.LORA_TARGETS), "steps": loop.steps})
-        base = diffusion.load_model(train.ckpt, device)[0] if train.adapter_guidance != 1 else None
         synthesis.lora_grid(model, crops, name, Path(train.out_dir) / "lora" / f"{name}.png",
                             train.adapter_guidance, base)
         paths.append(path)

@@ -52,9 +52,9 @@ def grids(run: Path, judge_path: str, g: float, names: list[str], n_test: int, f
     | generated, masks of nodules that lack the value)."""
     vocab = load_judge(judge_path).vocab
     crops = NoduleCrops(load_records("phantom", run / "data", n_test, 2, vocab), vocab, 32, 1.4, augment=False)
+    base = load_model(str(run / "base.pt"), "cpu")[0]  # guidance's unconditional model: frozen, one for all
     for name in names or [f"{a}={v}" for a, values in vocab.items() for v in values]:
         model, payload = load_model(str(run / "base.pt"), "cpu")
-        base = load_model(str(run / "base.pt"), "cpu")[0]
         load_lora(run / "lora" / f"{name}.pt", model, payload["fingerprint"], name)
         lora.set_active(model.unet, [name])
         lora.merge(model.unet)

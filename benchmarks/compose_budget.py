@@ -72,7 +72,7 @@ def pool_suffix(pool_seed: int, per_set: int, adapter_guidance: float = 1.0) -> 
     """'' for the benchmark's pool, else _pool<P>x<N>, then _g<g> for adapter guidance g ≠ 1: on the JSON of a
     result and on its sets/ folder."""
     pool = "" if (pool_seed, per_set) == BENCHMARK_POOL else f"_pool{pool_seed}x{per_set}"
-    return pool + (f"_g{adapter_guidance:g}" if adapter_guidance != 1 else "")
+    return pool + pb.guidance_suffix(adapter_guidance)
 
 
 def run_budget(run: Path, tag: str, steps: int, s: dict, device, seed: int = 0, pool_seed: int = 11) -> dict:
@@ -94,7 +94,7 @@ def run_budget(run: Path, tag: str, steps: int, s: dict, device, seed: int = 0, 
     seconds = time.time() - t if to_train else None  # None: linear, or every composition was trained before
     judge, real, pool = pb.scoring_inputs(run, s, vocab, device, pool_seed)
     sets = []
-    sets_dir = folder / ("sets" + pool_suffix(pool_seed, s["per_set"], s.get("adapter_guidance", 1.0)))
+    sets_dir = folder / ("sets" + pool_suffix(pool_seed, s["per_set"], s["adapter_guidance"]))
     for tex, mar in pairs:
         attrs = f"texture={tex},margin={mar}"
         scores = pb.score_set(run, judge, real, pool, attrs, strategy, folder / "lora", s,
@@ -102,7 +102,7 @@ def run_budget(run: Path, tag: str, steps: int, s: dict, device, seed: int = 0, 
         sets.append({"attributes": attrs, "strategy": tag, **scores})
         print(tag, steps, attrs, json.dumps(scores["accuracy"]))
     return {"tag": tag, "steps": steps, "seed": seed, "pool_seed": pool_seed, "per_set": s["per_set"],
-            "adapter_guidance": s.get("adapter_guidance", 1.0), "training_s": seconds, "sets": sets}
+            "adapter_guidance": s["adapter_guidance"], "training_s": seconds, "sets": sets}
 
 
 def table(run: Path) -> str:

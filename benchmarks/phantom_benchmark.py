@@ -210,6 +210,12 @@ def scoring_inputs(out: Path, s: dict, vocab: dict, device, pool_seed: int = 11)
     return judge, real_batch, load_records("phantom", out / "data", s["per_set"], pool_seed, vocab)
 
 
+def guidance_suffix(adapter_guidance: float) -> str:
+    """'' at g = 1 (the paper's sampler, and every result before adapter guidance), else _g<g>: on the output
+    folders and JSON of the scripts that re-score sets (compose_budget, score_sets)."""
+    return f"_g{adapter_guidance:g}" if adapter_guidance != 1 else ""
+
+
 def score_set(out: Path, judge, real_batch: dict, pool, attrs_text: str, strategy: str, lora_dir: Path, s: dict,
               folder: Path, device) -> dict:
     """Insert one nodule per `pool` image with `strategy` and the adapters of lora_dir (composed ones from

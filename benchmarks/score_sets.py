@@ -55,8 +55,7 @@ def main() -> None:
     request = "+".join(f"{a}={v}" for a, v in attributes.items())
     s = {**pb.settings(False), "per_set": args.per_set, "adapter_guidance": args.adapter_guidance}
     judge, real, pool = pb.scoring_inputs(run, s, vocab, args.device, args.pool_seed)
-    folder = run / "score_sets" / (f"pool{args.pool_seed}x{args.per_set}"
-                                   + (f"_g{args.adapter_guidance:g}" if args.adapter_guidance != 1 else ""))
+    folder = run / "score_sets" / f"pool{args.pool_seed}x{args.per_set}{pb.guidance_suffix(args.adapter_guidance)}"
     scores = {}
     for strategy in strategies:
         row = args.name or strategy

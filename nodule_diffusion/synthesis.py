@@ -493,7 +493,6 @@ def lora_grid(model, crops: NoduleCrops, name: str, path: Path, adapter_guidance
         if base is None:
             raise ValueError("lora_grid: adapter_guidance ≠ 1 needs the base model (without adapters)")
         base.eval()
-        eps = compose.base_guided(lambda xt, t, k, masks, contexts: model(xt, t, masks, contexts, attrs), base,
-                                  adapter_guidance)
+        eps = compose.base_guided(compose.guided_eps(model, {attribute: value}, None, False), base, adapter_guidance)
     batch, x0 = generate_for(model, crops, idx, attrs, eps=eps)
     triplet_grid(batch, x0, path, [value] * len(idx))
